@@ -1,0 +1,71 @@
+"""Rainer: a versioned key/value configuration service.
+
+``create_app`` builds the service; the rest is the library API.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from rainer_server.commit import Commit
+from rainer_server.errors import CommitNotFound
+from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import ConcurrentCommitError
+from rainer_server.errors import InvalidCommit
+from rainer_server.errors import KeeperError
+from rainer_server.errors import RainerError
+from rainer_server.errors import StorageUnavailable
+from rainer_server.extension import Rainer
+from rainer_server.settings import DEFAULTS
+from rainer_server.settings import ConfigurationError
+from rainer_server.settings import settings_from_environ
+from rainer_server.storage import CommitStorage
+from rainer_server.storage import with_post_save_hook
+from rainer_server.storage import with_pre_save_hook
+from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import open_database
+from rainer_server.storage.memory import MemoryCommitStorage
+
+__all__ = [
+    "Commit",
+    "CommitNotFound",
+    "CommitOrderingError",
+    "CommitStorage",
+    "ConcurrentCommitError",
+    "ConfigurationError",
+    "DbCommitStorage",
+    "InvalidCommit",
+    "KeeperError",
+    "MemoryCommitStorage",
+    "Rainer",
+    "RainerError",
+    "StorageUnavailable",
+    "create_app",
+    "open_database",
+    "with_post_save_hook",
+    "with_pre_save_hook",
+]
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the Rainer service.
+
+    Settings come from the defaults, then the Python file named by ``RAINER_CONFIG``, then
+    ``RAINER_*`` environment variables; ``config`` (tests) replaces the file and environment.
+    Opens no connections: storage and ZooKeeper are reached on first use.
+
+    :raises ConfigurationError: naming the first invalid setting.
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    if config is None:
+        app.config.from_envvar("RAINER_CONFIG", silent=True)
+        app.config.from_mapping(settings_from_environ(os.environ))
+    else:
+        app.config.from_mapping(config)
+    Rainer(app)
+    return app

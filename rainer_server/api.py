@@ -1,0 +1,297 @@
+"""The HTTP API (spec §4) as a Flask blueprint, and the one place errors become HTTP answers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import request
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from rainer_server.commit import MAX_VERSION
+from rainer_server.commit import Commit
+from rainer_server.commit import format_mtime
+from rainer_server.commit import now
+from rainer_server.commit import parse_mtime
+from rainer_server.commit import parse_version
+from rainer_server.commit import validate_key
+from rainer_server.errors import CommitNotFound
+from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import InvalidCommit
+from rainer_server.errors import PayloadTooLarge
+from rainer_server.errors import RainerError
+from rainer_server.errors import StorageUnavailable
+from rainer_server.extension import get_rainer
+from rainer_server.payloads import PayloadRejected
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("rainer", __name__)
+
+JSON = "application/json"
+_TRUE = frozenset(("yes", "true", "1"))
+_FALSE = frozenset(("no", "false", "0"))
+RETRY_AFTER_SECONDS = 5
+
+
+def register(app: Flask, url_prefix: str) -> None:
+    app.register_blueprint(bp, url_prefix=url_prefix or None)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status, mimetype=JSON)
+
+
+def _error(status: int, message: str, **extra: Any) -> Response:
+    return _json({"error": message, **extra}, status)
+
+
+def _boolean(value: str | None, name: str, what: str = "parameter") -> bool:
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    if what == "header":
+        raise InvalidCommit(f"Malformed header: {name}")
+    raise InvalidCommit(f"Invalid '{name}' parameter (should be boolean)")
+
+
+def _key(key: str) -> str:
+    return validate_key(key)
+
+
+def _version(text: str) -> int:
+    version = parse_version(text)
+    if version is None:
+        raise InvalidCommit(f"Invalid version {text!r}: versions are positive decimal integers")
+    return version
+
+
+def _request_header(name: str) -> str | None:
+    # WSGI hands headers over as latin-1; clients that send UTF-8 (ours does) get it back intact.
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def _response_header(value: str) -> str:
+    # Header values must be printable ASCII to survive WSGI and proxies; anything else
+    # (newlines in comments, non-ASCII authors) is percent-encoded UTF-8. /meta is exact.
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _commit_headers(commit: Commit) -> dict[str, str]:
+    return {
+        "X-Rainer-Key": _response_header(commit.key),
+        "X-Rainer-Version": str(commit.version),
+        "X-Rainer-Author": _response_header(commit.author),
+        "X-Rainer-Comment": _response_header(commit.comment),
+        "X-Rainer-Modified-Time": format_mtime(commit.mtime),
+        "X-Rainer-Empty": "Yes" if commit.empty else "No",
+    }
+
+
+def _found(key: str, version: int | None = None) -> Commit:
+    commit = get_rainer().storage.get(key, version)
+    if commit is None:
+        raise CommitNotFound(key, version)
+    return commit
+
+
+def _payload_response(commit: Commit) -> Response:
+    payload = commit.payload or b""
+    try:
+        payload.decode("utf-8")
+        mimetype = "text/plain; charset=UTF-8"
+    except UnicodeDecodeError:
+        mimetype = "application/octet-stream"
+    response = Response(payload, 200, headers=_commit_headers(commit))
+    response.headers["Content-Type"] = mimetype
+    return response
+
+
+def _read_body(limit: int) -> bytes:
+    # Refuse by Content-Length before reading; a chunked body is read to at most limit + 1 bytes.
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(limit)
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(limit)
+    return body
+
+
+# ---------------------------------------------------------------------- routes
+
+
+@bp.get("/", strict_slashes=False)
+def list_heads() -> Response:
+    include_all = _boolean(request.args.get("all"), "all")
+    utf8 = _boolean(request.args.get("payload_utf8"), "payload_utf8")
+    b64 = _boolean(request.args.get("payload_base64"), "payload_base64")
+    rainer = get_rainer()
+    storage = rainer.storage
+    flags = (include_all, utf8, b64)
+    token = storage.heads_token()
+    cached = rainer.list_cache.get(flags)
+    if cached is None or cached[0] != token:
+        heads = storage.heads()
+        # The token is derived from the heads just read, not from the earlier query, so a
+        # commit landing in between can never be cached under a token that hides it.
+        cached = (sum(c.version for c in heads.values()), _list_body(heads, flags))
+        rainer.list_cache[flags] = cached
+    etag = f'"{cached[0]}"'
+    if etag in request.headers.get("If-None-Match", ""):
+        return Response(status=304, headers={"ETag": etag})
+    return Response(cached[1], 200, mimetype=JSON, headers={"ETag": etag})
+
+
+def _list_body(heads: dict[str, Commit], flags: tuple[bool, bool, bool]) -> bytes:
+    include_all, utf8, b64 = flags
+    listing = {}
+    for key in sorted(heads):
+        commit = heads[key]
+        if commit.empty and not include_all:
+            continue
+        meta = commit.meta
+        if commit.payload is not None:
+            if utf8:
+                meta["payload_utf8"] = commit.payload.decode("utf-8", "replace")
+            if b64:
+                meta["payload_base64"] = base64.b64encode(commit.payload).decode("ascii")
+        listing[key] = meta
+    return json.dumps(listing, ensure_ascii=False).encode("utf-8")
+
+
+@bp.get("/<key>")
+def get_head(key: str) -> Response:
+    return _payload_response(_found(_key(key)))
+
+
+@bp.get("/<key>/meta")
+def get_head_meta(key: str) -> Response:
+    return _json(_found(_key(key)).meta)
+
+
+@bp.get("/<key>/<version>")
+def get_version(key: str, version: str) -> Response:
+    return _payload_response(_found(_key(key), _version(version)))
+
+
+@bp.get("/<key>/<version>/meta")
+def get_version_meta(key: str, version: str) -> Response:
+    return _json(_found(_key(key), _version(version)).meta)
+
+
+@bp.post("/<key>/<version>")
+def post_commit(key: str, version: str) -> Response:
+    rainer = get_rainer()
+    key = _key(key)
+    number = _version(version)
+    header_key = _request_header("X-Rainer-Key")
+    if header_key is not None and header_key != key:
+        raise InvalidCommit("X-Rainer-Key must match URL key, or be omitted")
+    header_version = request.headers.get("X-Rainer-Version")
+    if header_version is not None and parse_version(header_version.strip()) != number:
+        raise InvalidCommit("X-Rainer-Version must match URL version, or be omitted")
+    author = _request_header("X-Rainer-Author")
+    if author is None:
+        raise InvalidCommit("Missing header: X-Rainer-Author")
+    comment = _request_header("X-Rainer-Comment") or ""
+    empty = _boolean(request.headers.get("X-Rainer-Empty"), "X-Rainer-Empty", "header")
+    mtime_header = request.headers.get("X-Rainer-Modified-Time")
+    try:
+        mtime = now() if mtime_header is None else parse_mtime(mtime_header)
+    except ValueError:
+        raise InvalidCommit(
+            "Malformed header: X-Rainer-Modified-Time (expected ISO-8601, "
+            "e.g. 2014-01-01T00:00:00.000Z)"
+        ) from None
+    body = _read_body(rainer.settings.max_payload_bytes)
+    if empty and body:
+        raise InvalidCommit("Empty payload required with X-Rainer-Empty")
+    if not 1 <= number <= MAX_VERSION:
+        # Never the next version: answer as any other out-of-order write.
+        head = rainer.storage.get(key)
+        raise CommitOrderingError(key, (head.version if head else 0) + 1, number)
+    if not empty:
+        rainer.payloads.validate(key, body)
+    commit = Commit(key, number, None if empty else body, author, comment, mtime)
+    rainer.storage.save(commit)
+    log.info("Saved commit %s version %s by %s", key, number, author)
+    return _json(commit.meta)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@bp.errorhandler(RainerError)
+def _rainer_error(exc: RainerError) -> Response:
+    if isinstance(exc, CommitOrderingError):
+        return _json(
+            {
+                "conflict": {
+                    "key": exc.key,
+                    "expectedVersion": exc.expected_version,
+                    "providedVersion": exc.provided_version,
+                }
+            },
+            409,
+        )
+    if isinstance(exc, CommitNotFound):
+        return _error(404, "Key not found")
+    if isinstance(exc, PayloadTooLarge):
+        return _error(413, str(exc))
+    if isinstance(exc, PayloadRejected) and exc.messages is not None:
+        return _error(400, str(exc), messages=exc.messages)
+    if isinstance(exc, InvalidCommit):
+        return _error(400, str(exc))
+    if isinstance(exc, StorageUnavailable):
+        response = _error(503, str(exc))
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+    log.error("Unexpected Rainer error: %s", exc)
+    return _error(500, "Internal server error")
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(exc: ValidationError) -> Response:
+    return _error(400, "invalid request", messages=exc.messages)
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    # App-wide: routing 404/405 never reach blueprint handlers.
+    response = _error(exc.code or 500, exc.description or exc.name)
+    for name, value in exc.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
+
+
+@bp.app_errorhandler(Exception)
+def _unexpected_error(exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return _http_error(exc)
+    log.exception("Unhandled error on %s %s", request.method, request.path)
+    return _error(500, "Internal server error")
+

@@ -1,0 +1,209 @@
+"""Commits: the immutable unit of configuration, its key rules and its wire format.
+
+Pure code, no I/O. The wire format (spec §2) is byte-compatible with the original Scala
+Rainer, so znodes and DB blobs written by a JVM Rainer parse here and ours parse there::
+
+    <length of header in bytes>\\n<header JSON>\\n<payload bytes>\\n
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from datetime import timezone
+from typing import Any
+
+from rainer_server.errors import InvalidCommit
+
+MAX_KEY_BYTES = 255
+# C0 controls, DEL and C1 controls: they break headers, terminals and log lines.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ASCII_DECIMAL = re.compile(r"[0-9]+\Z")
+# A version beyond a signed 32-bit int cannot be stored (the original used a Java Int).
+MAX_VERSION = 2**31 - 1
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` when it is a valid commit key.
+
+    :raises InvalidCommit: with a message naming the rule it breaks.
+    """
+    if not isinstance(key, str):
+        raise InvalidCommit("Key must be a string")
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidCommit("Key must be valid UTF-8") from None
+    if not encoded:
+        raise InvalidCommit("Key must be nonempty")
+    if len(encoded) > MAX_KEY_BYTES:
+        raise InvalidCommit(f"Key must be at most {MAX_KEY_BYTES} bytes of UTF-8")
+    if "/" in key:
+        raise InvalidCommit("Key must not contain '/'")
+    if key in (".", ".."):
+        raise InvalidCommit("Key must not be '.' or '..'")
+    if _CONTROL_CHARACTERS.search(key):
+        raise InvalidCommit("Key must not contain control characters")
+    return key
+
+
+def parse_version(text: str) -> int | None:
+    """Parse a version as written in a URL or header: plain ASCII decimal digits only.
+
+    Returns ``None`` for anything else (``int()`` would accept ``"٣"``, ``" 3"`` or ``"+3"``).
+    """
+    if not _ASCII_DECIMAL.match(text):
+        return None
+    return int(text)
+
+
+def parse_mtime(text: str) -> datetime:
+    """Parse an ISO-8601 timestamp; one without a zone is taken as UTC.
+
+    :raises ValueError: when ``text`` is not ISO-8601.
+    """
+    parsed = datetime.fromisoformat(text.strip())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def format_mtime(mtime: datetime) -> str:
+    """Format as the original did (Joda's ``toString``): milliseconds and ``Z`` for UTC."""
+    text = mtime.isoformat(timespec="milliseconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _normalise_mtime(mtime: datetime) -> datetime:
+    # Milliseconds in UTC is what every store and wire keeps; normalising here makes a commit
+    # equal to itself after any round trip (DB, znode, HTTP headers).
+    if mtime.tzinfo is None:
+        raise InvalidCommit("mtime must be timezone-aware")
+    utc = mtime.astimezone(timezone.utc)
+    return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
+
+
+def now() -> datetime:
+    return _normalise_mtime(datetime.now(timezone.utc))
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """One version of one key. ``payload is None`` marks a tombstone (an *empty* commit)."""
+
+    key: str
+    version: int
+    payload: bytes | None
+    author: str
+    comment: str
+    mtime: datetime
+
+    def __post_init__(self) -> None:
+        validate_key(self.key)
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise InvalidCommit("Version must be an integer")
+        if not 1 <= self.version <= MAX_VERSION:
+            raise InvalidCommit(f"Version must be between 1 and {MAX_VERSION}")
+        if self.payload is not None and not isinstance(self.payload, bytes):
+            if isinstance(self.payload, (bytearray, memoryview)):
+                object.__setattr__(self, "payload", bytes(self.payload))
+            else:
+                raise InvalidCommit("Payload must be bytes or None")
+        if not isinstance(self.author, str) or not isinstance(self.comment, str):
+            raise InvalidCommit("Author and comment must be strings")
+        object.__setattr__(self, "mtime", _normalise_mtime(self.mtime))
+
+    @classmethod
+    def from_bytes(
+        cls,
+        key: str,
+        version: int,
+        payload: bytes | None,
+        author: str,
+        comment: str,
+        mtime: datetime | None = None,
+    ) -> Commit:
+        """Make a commit; ``mtime`` defaults to now."""
+        return cls(key, version, payload, author, comment, now() if mtime is None else mtime)
+
+    @property
+    def empty(self) -> bool:
+        return self.payload is None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The metadata mapping of the HTTP API and the wire header."""
+        return {
+            "key": self.key,
+            "version": self.version,
+            "author": self.author,
+            "comment": self.comment,
+            "mtime": format_mtime(self.mtime),
+            "empty": self.empty,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], payload: bytes | None) -> Commit:
+        """Build a commit from a meta mapping (a missing ``empty`` means false).
+
+        :raises InvalidCommit: when a field is missing or of the wrong type.
+        """
+        try:
+            empty = meta.get("empty", False)
+            if not isinstance(empty, bool):
+                raise InvalidCommit("'empty' must be a boolean")
+            mtime = meta["mtime"]
+            if not isinstance(mtime, str):
+                raise InvalidCommit("'mtime' must be a string")
+            return cls(
+                key=meta["key"],
+                version=meta["version"],
+                payload=None if empty else (payload or b""),
+                author=meta["author"],
+                comment=meta["comment"],
+                mtime=parse_mtime(mtime),
+            )
+        except KeyError as exc:
+            raise InvalidCommit(f"Missing field: {exc.args[0]}") from None
+        except ValueError as exc:  # also InvalidCommit, which is a ValueError
+            if isinstance(exc, InvalidCommit):
+                raise
+            raise InvalidCommit(f"Malformed field: {exc}") from exc
+
+    def serialize(self) -> bytes:
+        """Encode in the wire format (spec §2)."""
+        header = json.dumps(self.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return b"%d\n%s\n%s\n" % (len(header), header, self.payload or b"")
+
+    @classmethod
+    def deserialize(cls, data: bytes) -> Commit:
+        """Decode the wire format.
+
+        :raises InvalidCommit: when ``data`` is not a commit in the wire format.
+        """
+        data = bytes(data)
+        newline = data.find(b"\n")
+        length = parse_version(data[:newline].decode("ascii", "replace")) if newline > 0 else None
+        if length is None:
+            raise InvalidCommit("Malformed commit: no header length")
+        start = newline + 1
+        end = start + length
+        if len(data) < end + 2 or data[end : end + 1] != b"\n" or not data.endswith(b"\n"):
+            raise InvalidCommit("Malformed commit: truncated")
+        try:
+            header = json.loads(data[start:end])
+        except ValueError as exc:
+            raise InvalidCommit(f"Malformed commit header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise InvalidCommit("Malformed commit header: not an object")
+        return cls.from_meta(header, data[end + 1 : -1])
+
+    def __repr__(self) -> str:
+        size = "empty" if self.payload is None else f"{len(self.payload)} bytes"
+        return (
+            f"Commit(key={self.key!r}, version={self.version}, [{size}], "
+            f"author={self.author!r}, comment={self.comment!r}, mtime={format_mtime(self.mtime)})"
+        )

@@ -1,0 +1,65 @@
+"""The domain errors of Rainer.
+
+They carry no HTTP knowledge: ``api.py`` maps them to status codes in one place, and the
+client maps status codes back to them, so callers catch one set of types whether the
+storage is local or remote.
+"""
+
+from __future__ import annotations
+
+
+class RainerError(Exception):
+    """Base class of every error Rainer raises on purpose."""
+
+
+class InvalidCommit(RainerError, ValueError):
+    """A key, version, header or payload that can never be saved as given."""
+
+
+class PayloadTooLarge(InvalidCommit):
+    """A payload over the configured size limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Payload too large: the limit is {limit} bytes")
+        self.limit = limit
+
+
+class CommitNotFound(RainerError, LookupError):
+    """No commit with that key (or that key and version)."""
+
+    def __init__(self, key: str, version: int | None = None) -> None:
+        where = key if version is None else f"{key} version {version}"
+        super().__init__(f"Key not found: {where}")
+        self.key = key
+        self.version = version
+
+
+class CommitOrderingError(RainerError):
+    """A commit whose version is not exactly the key's head version + 1."""
+
+    def __init__(self, key: str, expected_version: int, provided_version: int) -> None:
+        super().__init__(
+            f"Expected version {expected_version} for key {key!r}, got {provided_version}"
+        )
+        self.key = key
+        self.expected_version = expected_version
+        self.provided_version = provided_version
+
+    def __reduce__(self):  # keep pickling (multiprocessing tests) working with our signature
+        return type(self), (self.key, self.expected_version, self.provided_version)
+
+
+class ConcurrentCommitError(RainerError):
+    """ZooKeeper holds a different commit at the same or a newer version (no rollbacks)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class StorageUnavailable(RainerError):
+    """The system of record cannot be reached right now; retrying later may work."""
+
+
+class KeeperError(RainerError):
+    """ZooKeeper could not be read or written."""

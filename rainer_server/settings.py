@@ -1,0 +1,105 @@
+"""Settings: their names, defaults and validation, independent of Flask.
+
+Every setting is named ``RAINER_<NAME>`` in the environment and in a settings file; this
+module sees them without the prefix, lower-cased (``database_url``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import EXCLUDE
+from marshmallow import Schema
+from marshmallow import ValidationError
+from marshmallow import fields
+from marshmallow import post_load
+from marshmallow import validate
+
+from rainer_server.errors import RainerError
+
+PAYLOAD_FORMATS = ("json", "yaml", "text", "bytes")
+
+
+class ConfigurationError(RainerError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///rainer.db"
+    table: str = "rainer"
+    url_prefix: str = "/diary"
+    payload_format: str = "json"
+    max_payload_bytes: int = 524288
+    payload_schemas: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    zk_hosts: str | None = None
+    zk_path: str = "/rainer"
+    zk_session_timeout: float = 10.0
+    publish_period: float = 90.0
+    publish_fuzz: float = 0.2
+
+
+NAMES = tuple(f"RAINER_{field.name.upper()}" for field in dataclasses.fields(Settings))
+DEFAULTS = {f"RAINER_{f.name.upper()}": getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
+
+
+class SettingsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    database_url = fields.String(validate=validate.Regexp(r"^(sqlite|mysql)[a-z+]*://", error=(
+        "must be sqlite:///path or mysql://user:password@host:port/database")))
+    table = fields.String(validate=validate.Regexp(
+        r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", error="must be a plain SQL identifier"))
+    url_prefix = fields.String(validate=validate.Regexp(
+        r"^(/[^/\s]+)*$", error="must be empty or start with '/' and not end with '/'"))
+    payload_format = fields.String(validate=validate.OneOf(PAYLOAD_FORMATS))
+    max_payload_bytes = fields.Integer(validate=validate.Range(min=1, max=16 * 1024 * 1024))
+    payload_schemas = fields.Dict(keys=fields.String(), values=fields.String(
+        validate=validate.Regexp(r"^[\w.]+:\w+$", error="must be 'module:SchemaClass'")))
+    zk_hosts = fields.String(allow_none=True)
+    zk_path = fields.String(validate=validate.Regexp(r"^(/[^/\s]+)+$", error="must be an absolute znode path"))
+    zk_session_timeout = fields.Float(validate=validate.Range(min=1, max=300))
+    publish_period = fields.Float(validate=validate.Range(min=0.1, min_inclusive=True))
+    publish_fuzz = fields.Float(validate=validate.Range(min=0, max=1))
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> Settings:
+        if data.get("zk_hosts") == "":
+            data["zk_hosts"] = None
+        return Settings(**data)
+
+
+def load_settings(values: Mapping[str, Any]) -> Settings:
+    """Validate settings given without their ``RAINER_`` prefix, lower-cased.
+
+    :raises ConfigurationError: naming the first bad setting, in one line.
+    """
+    try:
+        settings = SettingsSchema().load(dict(values))
+    except ValidationError as exc:
+        name, messages = next(iter(sorted(exc.messages.items())))
+        detail = messages if isinstance(messages, str) else "; ".join(map(str, _flatten(messages)))
+        raise ConfigurationError(f"Invalid setting RAINER_{name.upper()}: {detail}") from None
+    if settings.payload_schemas and settings.payload_format not in ("json", "yaml"):
+        raise ConfigurationError(
+            "Invalid setting RAINER_PAYLOAD_SCHEMAS: schemas need RAINER_PAYLOAD_FORMAT json or yaml"
+        )
+    return settings
+
+
+def _flatten(messages: Any) -> list[Any]:
+    if isinstance(messages, dict):
+        return [f"{k}: {v}" for k, value in messages.items() for v in _flatten(value)]
+    if isinstance(messages, list):
+        return [m for item in messages for m in _flatten(item)]
+    return [messages]
+
+
+def settings_from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``RAINER_*`` settings present in ``environ`` (other ``RAINER_`` names belong to tools)."""
+    return {name: environ[name] for name in NAMES if name in environ}
+
+

@@ -1,0 +1,312 @@
+"""The relational storage: one journal table on MySQL/MariaDB or SQLite, through peewee.
+
+The table keeps one row per commit, in columns (not the original's blob of everything) so
+that audit questions ("who changed what, when") are plain SQL. An ``is_head`` flag marks each
+key's newest row, so listing heads costs the same whether a key has one version or fifty.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from datetime import timezone
+from typing import Any
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import peewee
+from peewee import BooleanField
+from peewee import Field
+from peewee import IntegerField
+from peewee import InterfaceError
+from peewee import IntegrityError
+from peewee import Model
+from peewee import OperationalError
+from peewee import TextField
+from playhouse.db_url import connect
+from playhouse.db_url import parse
+
+from rainer_server.commit import Commit
+from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import StorageUnavailable
+from rainer_server.storage import check_next_version
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Timeouts well below gunicorn's worker timeout (30 s), so an unreachable database becomes a
+# 503 the client can retry instead of a killed worker. The URL's query string overrides them.
+_DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "mysql": {"connect_timeout": 3, "read_timeout": 10, "write_timeout": 10, "charset": "utf8mb4"},
+    # sqlite3's timeout is its busy handler: writers from several workers wait for the lock
+    # instead of failing with "database is locked".
+    "sqlite": {"timeout": 10},
+}
+_SQLITE_PRAGMAS = {
+    # WAL lets readers run beside the single writer; FULL sync because a configuration
+    # service must not lose an acknowledged change on power loss.
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+}
+# MySQL client errors that mean "the connection is gone", after which one retry on a fresh
+# connection is safe: server restarts, wait_timeout, network blips.
+_DISCONNECT_CODES = {0, 2006, 2013, 2014, 2045, 2055, 4031}
+# InnoDB deadlock / lock wait timeout: a lost race, the same as a duplicate version.
+_LOST_RACE_CODES = {1205, 1213}
+
+
+def open_database(url: str) -> peewee.Database:
+    """Make a peewee database for ``url`` (``sqlite:///path`` or ``mysql://user:pw@host/db``).
+
+    Opens no connection: peewee connects on first use.
+
+    :raises ValueError: when the URL has an unknown scheme or no database name.
+    """
+    scheme = urlparse(url).scheme
+    family = "mysql" if scheme.startswith("mysql") else "sqlite" if "sqlite" in scheme else None
+    if family is None:
+        raise ValueError(f"unsupported database URL scheme {scheme!r} (use sqlite or mysql)")
+    given = parse(url)
+    extra = {k: v for k, v in _DEFAULT_PARAMS[family].items() if k not in given}
+    if family == "sqlite":
+        extra["pragmas"] = _SQLITE_PRAGMAS
+    try:
+        return connect(url, **extra)
+    except RuntimeError as exc:  # peewee's "unrecognized scheme"
+        raise ValueError(str(exc)) from None
+
+
+class _KeyField(Field):
+    # Binary, so keys compare byte for byte: MySQL's default collations would make "a", "A",
+    # "a " and "á" one key.
+    field_type = "VARBINARY(255)"
+
+    def db_value(self, value: str | None) -> bytes | None:
+        return None if value is None else value.encode("utf-8")
+
+    def python_value(self, value: bytes | str | None) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return bytes(value).decode("utf-8")
+
+
+class _PayloadField(Field):
+    # MEDIUMBLOB holds 16 MiB on MySQL (a BLOB only 64 KiB); SQLite reads it as a BLOB.
+    field_type = "MEDIUMBLOB"
+
+    def db_value(self, value: bytes | None) -> bytes | None:
+        return value
+
+    def python_value(self, value: Any) -> bytes | None:
+        return None if value is None else bytes(value)
+
+
+class _MtimeField(Field):
+    # DATETIME(3) in UTC on MySQL (queryable, millisecond precision as in the wire format);
+    # SQLite keeps the same text, which sorts and compares correctly.
+    field_type = "DATETIME(3)"
+
+    def db_value(self, value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+    def python_value(self, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=timezone.utc)
+
+
+def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
+    class CommitRow(Model):
+        key = _KeyField()
+        version = IntegerField()
+        author = TextField()
+        comment = TextField()
+        mtime = _MtimeField()
+        is_empty = BooleanField()
+        is_head = BooleanField()
+        payload = _PayloadField(null=True)
+
+        class Meta:
+            primary_key = peewee.CompositeKey("key", "version")
+            indexes = ((("is_head", "version"), False),)
+
+    CommitRow._meta.database = database
+    CommitRow._meta.set_table_name(table_name)
+    return CommitRow
+
+
+class DbCommitStorage:
+    """Commits in a relational table (spec §3), safe for many processes writing at once."""
+
+    def __init__(self, database: peewee.Database, table_name: str = "rainer") -> None:
+        self.database = database
+        self.table_name = table_name
+        self._row = _make_row_model(database, table_name)
+        self._fields = (
+            self._row.key,
+            self._row.version,
+            self._row.author,
+            self._row.comment,
+            self._row.mtime,
+            self._row.is_empty,
+            self._row.payload,
+        )
+        self._is_sqlite = isinstance(database, peewee.SqliteDatabase)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Create the journal table and its index when missing."""
+        self._run(lambda: self._row.create_table(safe=True))
+
+    def stop(self) -> None:
+        if not self.database.is_closed():
+            self.database.close()
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str, version: int | None = None) -> Commit | None:
+        query = self._row.select(*self._fields).where(self._row.key == key)
+        if version is None:
+            query = query.order_by(self._row.version.desc()).limit(1)
+        else:
+            query = query.where(self._row.version == version)
+        rows = self._run(lambda: list(query.tuples()))
+        return self._to_commit(rows[0]) if rows else None
+
+    def heads(self) -> dict[str, Commit]:
+        return self._heads(include_empty=True)
+
+    def heads_non_empty(self) -> dict[str, Commit]:
+        return self._heads(include_empty=False)
+
+    def heads_token(self) -> int:
+        """A number that changes whenever any head changes: the total count of commits.
+
+        Each save moves one key's head version up by exactly one, so the sum of head versions
+        grows by one per commit; it reads only the ``(is_head, version)`` index.
+        """
+        query = self._row.select(peewee.fn.COALESCE(peewee.fn.SUM(self._row.version), 0)).where(
+            self._row.is_head == True  # noqa: E712 (peewee expression)
+        )
+        return int(self._run(query.scalar))
+
+    def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
+        """Commits of ``key`` newest first, at most ``limit``, only versions below ``before``."""
+        query = self._row.select(*self._fields).where(self._row.key == key)
+        if before is not None:
+            query = query.where(self._row.version < before)
+        query = query.order_by(self._row.version.desc()).limit(limit)
+        return [self._to_commit(row) for row in self._run(lambda: list(query.tuples()))]
+
+    def _heads(self, include_empty: bool) -> dict[str, Commit]:
+        query = self._row.select(*self._fields).where(self._row.is_head == True)  # noqa: E712
+        if not include_empty:
+            query = query.where(self._row.is_empty == False)  # noqa: E712
+        rows = self._run(lambda: list(query.tuples()))
+        return {commit.key: commit for commit in map(self._to_commit, rows)}
+
+    # ------------------------------------------------------------------ writes
+
+    def save(self, commit: Commit) -> None:
+        retried = False
+
+        def attempt() -> None:
+            nonlocal retried
+            try:
+                self._insert(commit)
+            except IntegrityError as exc:
+                # A lost race (or a retry of a save whose COMMIT reply was lost with the
+                # connection): the unique (key, version) refuses the duplicate.
+                if retried and self.get(commit.key, commit.version) == commit:
+                    return
+                raise self._ordering_error(commit) from exc
+            except OperationalError as exc:
+                if _error_code(exc) in _LOST_RACE_CODES:
+                    raise self._ordering_error(commit) from exc
+                retried = True
+                raise
+
+        self._run(attempt)
+
+    def _insert(self, commit: Commit) -> None:
+        row = self._row
+        # SQLite: BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the busy
+        # handler instead of both reading, then one failing with "database is locked". MySQL:
+        # no locking read (SELECT ... FOR UPDATE deadlocks on new keys under REPEATABLE READ);
+        # the primary key settles races.
+        with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+            head = (
+                row.select(peewee.fn.MAX(row.version)).where(row.key == commit.key).scalar() or 0
+            )
+            check_next_version(commit, head)
+            row.insert(
+                key=commit.key,
+                version=commit.version,
+                author=commit.author,
+                comment=commit.comment,
+                mtime=commit.mtime,
+                is_empty=commit.empty,
+                is_head=True,
+                payload=commit.payload,
+            ).execute()
+            if head:
+                row.update(is_head=False).where(
+                    (row.key == commit.key) & (row.version == head)
+                ).execute()
+
+    def _ordering_error(self, commit: Commit) -> CommitOrderingError:
+        head = self.get(commit.key)
+        return CommitOrderingError(commit.key, (head.version if head else 0) + 1, commit.version)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, operation: Callable[[], T]) -> T:
+        """Run ``operation`` on this thread's connection, reconnecting once if it went stale."""
+        for attempt in (1, 2):
+            was_open = not self.database.is_closed()
+            try:
+                self.database.connect(reuse_if_open=True)
+                return operation()
+            except (OperationalError, InterfaceError) as exc:
+                self._discard_connection()
+                if (
+                    not self._is_sqlite
+                    and was_open
+                    and attempt == 1
+                    and _error_code(exc) in _DISCONNECT_CODES
+                ):
+                    log.info("Database connection lost (%s); reconnecting", _one_line(exc))
+                    continue
+                log.warning("Database unavailable: %s", _one_line(exc))
+                raise StorageUnavailable(f"Database unavailable: {_one_line(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def _discard_connection(self) -> None:
+        try:
+            self.database.close()
+        except Exception:  # closing a broken connection may fail too; it is gone either way
+            log.debug("Ignoring error while closing a broken connection", exc_info=True)
+            self.database._state.reset()
+
+    @staticmethod
+    def _to_commit(row: tuple) -> Commit:
+        key, version, author, comment, mtime, is_empty, payload = row
+        return Commit(key, version, None if is_empty else payload, author, comment, mtime)
+
+
+def _error_code(exc: Exception) -> int | None:
+    code = exc.args[0] if exc.args else None
+    return code if isinstance(code, int) else None
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc.args[-1] if exc.args else exc) or type(exc).__name__
+    return " ".join(text.split())

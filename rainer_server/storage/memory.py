@@ -1,0 +1,56 @@
+"""The in-memory storage: the reference semantics, for tests and embedding."""
+
+from __future__ import annotations
+
+import threading
+
+from rainer_server.commit import Commit
+from rainer_server.storage import check_next_version
+
+
+class MemoryCommitStorage:
+    """Every commit of every key in a dict, behind one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._history: dict[str, list[Commit]] = {}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def heads(self) -> dict[str, Commit]:
+        with self._lock:
+            return {key: commits[-1] for key, commits in self._history.items()}
+
+    def heads_non_empty(self) -> dict[str, Commit]:
+        return {key: commit for key, commit in self.heads().items() if not commit.empty}
+
+    def get(self, key: str, version: int | None = None) -> Commit | None:
+        with self._lock:
+            commits = self._history.get(key)
+            if not commits:
+                return None
+            if version is None:
+                return commits[-1]
+            return commits[version - 1] if 1 <= version <= len(commits) else None
+
+    def heads_token(self) -> int:
+        """A number that changes whenever any head changes: the total count of commits."""
+        with self._lock:
+            return sum(len(commits) for commits in self._history.values())
+
+    def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
+        """Commits of ``key`` newest first, at most ``limit``, only versions below ``before``."""
+        with self._lock:
+            commits = self._history.get(key, [])
+            end = len(commits) if before is None else max(0, min(before - 1, len(commits)))
+            return commits[max(0, end - limit) : end][::-1]
+
+    def save(self, commit: Commit) -> None:
+        with self._lock:
+            commits = self._history.setdefault(commit.key, [])
+            check_next_version(commit, len(commits))
+            commits.append(commit)

@@ -1,0 +1,100 @@
+"""The storage contract over memory, SQLite and MySQL, plus what only the DB storages do."""
+
+from __future__ import annotations
+
+import pytest
+
+from rainer_server.errors import StorageUnavailable
+from rainer_server.storage import with_post_save_hook
+from rainer_server.storage import with_pre_save_hook
+from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import open_database
+from tests.storage_contract import *  # noqa: F401,F403 (the contract's test functions)
+from tests.storage_contract import commit
+from tests.storage_contract import save_versions
+
+
+def test_heads_token_counts_commits(storage):
+    assert storage.heads_token() == 0
+    save_versions(storage, "a", 3)
+    save_versions(storage, "b", 2)
+    assert storage.heads_token() == 5
+    storage.save(commit("a", 4, None))
+    assert storage.heads_token() == 6
+
+
+def test_post_save_hook_runs_only_after_success(storage):
+    seen = []
+    hooked = with_post_save_hook(storage, seen.append)
+    c = commit("k", 1)
+    hooked.save(c)
+    with pytest.raises(Exception):
+        hooked.save(commit("k", 5))
+    assert seen == [c]
+    assert hooked.get("k") == c and hooked.heads() == {"k": c}
+
+
+def test_pre_save_hook_can_veto(storage):
+    def refuse(c):
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        with_pre_save_hook(storage, refuse).save(commit("k", 1))
+    assert storage.get("k") is None
+
+
+def test_journal_is_queryable_in_sql(db_storage):
+    save_versions(db_storage, "audit", 2)
+    db_storage.save(commit("audit", 3, None, author="bob", comment="delete it"))
+    db = db_storage.database
+    quoted_key = db.quote[0] + "key" + db.quote[1]
+    rows = db.execute_sql(
+        f"SELECT version, author, comment, is_empty, is_head FROM {db_storage.table_name} "
+        f"WHERE {quoted_key} = {db.param} ORDER BY version",
+        (b"audit",),
+    ).fetchall()
+    assert [tuple(r) for r in rows] == [
+        (1, "alice", "change 1", 0, 0),
+        (2, "alice", "change 2", 0, 0),
+        (3, "bob", "delete it", 1, 1),
+    ]
+
+
+def test_start_is_idempotent(db_storage):
+    save_versions(db_storage, "k", 1)
+    db_storage.start()
+    assert db_storage.get("k").version == 1
+
+
+def test_unreachable_mysql_is_storage_unavailable():
+    # Port 9 (discard) on loopback refuses at once: the storage must say "unavailable", fast.
+    storage = DbCommitStorage(open_database("mysql://root@127.0.0.1:9/rainer"))
+    with pytest.raises(StorageUnavailable) as info:
+        storage.get("k")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.mysql
+def test_mysql_reconnects_after_the_connection_is_killed(mysql_url, tmp_path, request):
+    from tests.conftest import make_storage
+
+    storage = make_storage("mysql", tmp_path, request)
+    save_versions(storage, "k", 1)
+    killer = open_database(mysql_url)
+    connection_id = storage.database.execute_sql("SELECT CONNECTION_ID()").fetchone()[0]
+    killer.execute_sql(f"KILL {int(connection_id)}")
+    killer.close()
+    # Both a read and a write go through on a fresh connection, transparently.
+    assert storage.get("k").version == 1
+    killer = open_database(mysql_url)
+    connection_id = storage.database.execute_sql("SELECT CONNECTION_ID()").fetchone()[0]
+    killer.execute_sql(f"KILL {int(connection_id)}")
+    killer.close()
+    storage.save(commit("k", 2))
+    assert storage.get("k").version == 2
+
+
+def test_bad_database_urls_are_value_errors():
+    for url in ("postgres://x/y", "mysql://db", "nonsense"):
+        with pytest.raises(ValueError):
+            open_database(url)
