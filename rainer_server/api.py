@@ -192,6 +192,34 @@ def get_head_meta(key: str) -> Response:
     return _json(_found(_key(key)).meta)
 
 
+MAX_HISTORY_LIMIT = 1000
+
+
+def _positive_int_parameter(name: str, default: int | None) -> int | None:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    value = parse_version(text.strip())
+    if value is None or value < 1:
+        raise InvalidCommit(f"Invalid '{name}' parameter (should be a positive integer)")
+    return value
+
+
+@bp.get("/<key>/history")
+def get_history(key: str) -> Response:
+    """Metas of ``key`` newest first, tombstones included, one page per request."""
+    key = _key(key)
+    limit = _positive_int_parameter("limit", 100)
+    if limit > MAX_HISTORY_LIMIT:
+        raise InvalidCommit(f"Invalid 'limit' parameter (at most {MAX_HISTORY_LIMIT})")
+    before = _positive_int_parameter("before", None)
+    storage = get_rainer().storage
+    commits = storage.history(key, limit=limit, before=before)
+    if not commits and storage.get(key) is None:
+        raise CommitNotFound(key)
+    return _json([commit.meta for commit in commits])
+
+
 @bp.get("/<key>/<version>")
 def get_version(key: str, version: str) -> Response:
     return _payload_response(_found(_key(key), _version(version)))

@@ -37,6 +37,7 @@ class Rainer:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
+        from rainer_server import admin
         from rainer_server import api
 
         self.settings = load_settings(
@@ -45,6 +46,7 @@ class Rainer:
         self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)
+        app.cli.add_command(admin.rainer_cli)
 
     @property
     def storage(self) -> CommitStorage:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
 
 from rainer_server import MemoryCommitStorage
 from rainer_server import create_app
+from rainer_server.payloads import PayloadValidator
 
 AUTHOR = {"X-Rainer-Author": "alice"}
 
@@ -164,7 +166,8 @@ def test_keys_are_byte_for_byte(client):
 
 
 def test_payload_limit_is_413_and_saves_nothing(client, app):
-    app.extensions["rainer"].settings = app.extensions["rainer"].settings.__class__(max_payload_bytes=100)
+    rainer = app.extensions["rainer"]
+    rainer.settings = dataclasses.replace(rainer.settings, max_payload_bytes=100)
     big = b'{"a":"' + b"x" * 200 + b'"}'
     assert_error(post(client, "big", 1, big), 413, "Payload too large")
     assert client.get("/diary/big").status_code == 404
@@ -205,7 +208,7 @@ def test_get_payload_and_headers(client):
 
 
 def test_binary_payload_is_octet_stream(app):
-    app.extensions["rainer"].payloads = __import__("rainer_server.payloads").payloads.PayloadValidator("bytes")
+    app.extensions["rainer"].payloads = PayloadValidator("bytes")
     client = app.test_client()
     assert post(client, "bin", 1, b"\xff\x00\x01").status_code == 200
     r = client.get("/diary/bin")
@@ -373,3 +376,28 @@ def test_responses_are_json_even_for_unexpected_errors(app):
     assert r.status_code == 500
     assert r.get_json() == {"error": "Internal server error"}
     assert json.dumps(r.get_json()).find("secrets") == -1
+
+
+# ------------------------------------------------------------------ history
+
+
+def test_history_pages_newest_first(client):
+    for version in range(1, 6):
+        post(client, "h", version, b'{"v":%d}' % version, X_Rainer_Comment=f"c{version}")
+    client.post("/diary/h/6", data=b"", headers={**AUTHOR, "X-Rainer-Empty": "yes"})
+    r = client.get("/diary/h/history")
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    assert [m["version"] for m in r.get_json()] == [6, 5, 4, 3, 2, 1]
+    assert r.get_json()[0]["empty"] is True and r.get_json()[1]["comment"] == "c5"
+    page = client.get("/diary/h/history?limit=2&before=5").get_json()
+    assert [m["version"] for m in page] == [4, 3]
+    assert client.get("/diary/h/history?before=1").get_json() == []
+
+
+def test_history_errors(client):
+    assert_error(client.get("/diary/none/history"), 404, "Key not found")
+    post(client, "h", 1)
+    for query in ("limit=0", "limit=1001", "limit=x", "before=-1", "before=1.5"):
+        r = client.get(f"/diary/h/history?{query}")
+        assert r.status_code == 400, query
+        assert b"Invalid '" in r.data

@@ -33,6 +33,9 @@ class CommitStorage(Protocol):
     def get(self, key: str, version: int | None = None) -> Commit | None:
         """The highest commit of ``key``, or its commit at ``version``; ``None`` if absent."""
 
+    def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
+        """Commits of ``key`` newest first, at most ``limit``, only versions below ``before``."""
+
     def save(self, commit: Commit) -> None:
         """Append ``commit``.
 
@@ -71,9 +74,8 @@ class _HookedStorage:
     def get(self, key: str, version: int | None = None) -> Commit | None:
         return self.storage.get(key, version)
 
-    def __getattr__(self, name: str):
-        # Extras of the wrapped storage (history, revalidation tokens) stay reachable.
-        return getattr(self.storage, name)
+    def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
+        return self.storage.history(key, limit, before)
 
 
 class _PreSaveHookStorage(_HookedStorage):
