@@ -1,0 +1,454 @@
+"""The auto-publisher: one elected process keeps ZooKeeper in line with the system of record.
+
+Every process contends in a kazoo ``Election`` at ``<base>/election``; the leader publishes
+every head of the storage to the keeper every ``period`` (± ``fuzz``). That repairs whatever the
+keeper-publishing storage could not publish (ZooKeeper down, a lost race) and whatever someone
+else broke (a deleted or corrupted znode).
+
+Fencing: kazoo never interrupts a leader function (``Election.cancel()`` only cancels waiting),
+so the leader watches the connection itself. A state listener (which must not block: it runs on
+kazoo's connection thread) counts every SUSPENDED/LOST; the leader stops at the first one, and
+checks the connection before each write. The election thread then re-joins once connected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import KazooException
+from kazoo.protocol.states import KazooState
+
+from rainer_server.commit import Commit
+from rainer_server.errors import ConcurrentCommitError
+from rainer_server.errors import KeeperError
+from rainer_server.errors import RainerError
+from rainer_server.keeper import CommitKeeper
+from rainer_server.keeper import CommitMirror
+from rainer_server.keeper import CommitTooLarge
+from rainer_server.storage import CommitStorage
+
+log = logging.getLogger(__name__)
+
+# Pause before re-joining after the election itself failed (e.g. the client was closed).
+_REJOIN_PAUSE = 1.0
+# A pass gives up after this many keys in a row failed on ZooKeeper itself.
+_MAX_FAILURES_IN_A_ROW = 5
+# How long a pass waits for a fresh mirror's first complete view before going without it.
+_MIRROR_WAIT = 30.0
+# With an injected ``sleep``, waits are cut into slices this long so stop and connection loss
+# are still noticed promptly.
+_SLEEP_SLICE = 0.1
+
+
+def default_identifier() -> str:
+    """``"<hostname>:<pid>"``: what ``Election.contenders()`` shows for this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclasses.dataclass
+class PublishCounts:
+    """What one pass over the storage's heads did, key by key."""
+
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    #: Keys the keeper refused: a newer or different commit in ZooKeeper, too big, invalid.
+    refused: int = 0
+    #: Keys that failed otherwise (ZooKeeper timeouts, unexpected errors).
+    failed: int = 0
+    #: The pass stopped early: leadership or the connection was lost, or the publisher stopped.
+    aborted: bool = False
+    #: Seconds the pass took (by the publisher's clock).
+    duration: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return self.created + self.updated + self.deleted
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AutoPublisher:
+    """Publish every head of ``storage`` to ``keeper`` while leading the election.
+
+    :param client: the kazoo client the keeper uses (the publisher neither starts nor stops it).
+    :param keeper: where commits are published.
+    :param storage: the system of record (the underlying storage, not the keeper-publishing one).
+    :param election_path: the election znode; defaults to the keeper's ``<base>/election``.
+    :param period: seconds between passes.
+    :param fuzz: each wait is ``period`` times a random factor in ``[1 - fuzz, 1 + fuzz]``, so
+        that the publishers of several clusters sharing a ZooKeeper do not pulse together.
+    :param delay: wait one period before the first pass of each leadership term.
+    :param identifier: this contender's name; defaults to ``"<hostname>:<pid>"``.
+    :param mirror: a mirror of ``keeper`` to compare against (not closed by the publisher);
+        by default the publisher opens its own on first use and closes it in ``close()``.
+    :param clock: monotonic seconds; injectable for tests.
+    :param sleep: when given, waits between passes call it (in slices of at most 0.1 s) instead
+        of waiting on an event; injectable for tests together with ``clock``.
+    :param rng: returns a float in ``[0, 1)`` for the fuzz; injectable for tests.
+    :param join_timeout: how long ``close()`` waits for the election thread.
+    """
+
+    def __init__(
+        self,
+        client: KazooClient,
+        keeper: CommitKeeper,
+        storage: CommitStorage,
+        election_path: str | None = None,
+        *,
+        period: float = 90.0,
+        fuzz: float = 0.2,
+        delay: bool = True,
+        identifier: str | None = None,
+        mirror: CommitMirror | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] | None = None,
+        rng: Callable[[], float] = random.random,
+        join_timeout: float = 10.0,
+    ) -> None:
+        if period <= 0:
+            raise ValueError("period must be positive")
+        if not 0 <= fuzz < 1:
+            raise ValueError("fuzz must be in [0, 1)")
+        self.client = client
+        self.keeper = keeper
+        self.storage = storage
+        self.election_path = election_path or keeper.election_path
+        self.period = float(period)
+        self.fuzz = float(fuzz)
+        self.delay = delay
+        self.identifier = identifier or default_identifier()
+        self.join_timeout = join_timeout
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._mirror = mirror
+        self._owns_mirror = mirror is None
+        self._election = client.Election(self.election_path, self.identifier)
+        # Guards the connection bookkeeping below; the state listener takes it only briefly.
+        self._cond = threading.Condition()
+        self._connected = False
+        self._losses = 0  # SUSPENDED/LOST transitions seen: a leader term is valid while unchanged
+        self._stopping = False
+        self._leading = False
+        self._thread: threading.Thread | None = None
+        self._pass_lock = threading.Lock()
+        #: Completed passes (leader passes and ``publish_all`` calls alike).
+        self.passes = 0
+        #: The counts of the last pass, or ``None`` before the first.
+        self.last_counts: PublishCounts | None = None
+        #: ``clock()`` at the end of the last pass.
+        self.last_pass: float | None = None
+
+    def __repr__(self) -> str:
+        return f"AutoPublisher({self.election_path!r}, {self.identifier!r}, leader={self._leading})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this publisher is leading (publishing) right now."""
+        return self._leading
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Join the election on a background thread; returns at once."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("AutoPublisher cannot be restarted after close()")
+            if self._thread is not None:
+                return
+            self.client.add_listener(self._on_state)
+            # Read after adding the listener, so no transition slips between the two.
+            self._connected = self.client.state == KazooState.CONNECTED
+            self._thread = threading.Thread(
+                target=self._run, name=f"rainer-auto-publisher[{self.election_path}]", daemon=True
+            )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop publishing, leave the election, and wait for the thread."""
+        with self._cond:
+            if self._stopping and self._thread is None:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+        # Cancels a contender still waiting; a leader notices _stopping between keys.
+        self._election.cancel()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.join_timeout)
+            if thread.is_alive():
+                log.warning(
+                    "Auto-publisher for %s did not stop within %s s",
+                    self.election_path,
+                    self.join_timeout,
+                )
+        self.client.remove_listener(self._on_state)
+        if self._owns_mirror and self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
+
+    stop = close
+
+    def __enter__(self) -> AutoPublisher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish_all(self, may_write: Callable[[], bool] | None = None) -> PublishCounts:
+        """Publish every head of the storage once; return what happened to each key.
+
+        Keys whose commit the mirror already shows are skipped without touching ZooKeeper, so an
+        unchanged pass makes no writes. A key the keeper refuses is logged and skipped.
+
+        :param may_write: checked before each write; when it turns false the pass stops
+            (``aborted``). Defaults to "the client is connected".
+        """
+        fence = may_write or (lambda: self.client.connected)
+        with self._pass_lock:
+            started = self._clock()
+            counts = PublishCounts()
+            try:
+                heads = self.storage.heads()
+                mirror = self._get_mirror(fence)
+                self._publish_heads(heads, mirror, fence, counts)
+            finally:
+                counts.duration = self._clock() - started
+                self.passes += 1
+                self.last_counts = counts
+                self.last_pass = self._clock()
+        level = (
+            logging.INFO
+            if counts.written or counts.refused or counts.failed or counts.aborted
+            else logging.DEBUG
+        )
+        log.log(
+            level,
+            "Published commits to %s in %.3f s: %d created, %d updated, %d deleted, %d unchanged, "
+            "%d refused, %d failed%s",
+            self.keeper.data_path,
+            counts.duration,
+            counts.created,
+            counts.updated,
+            counts.deleted,
+            counts.unchanged,
+            counts.refused,
+            counts.failed,
+            " (aborted)" if counts.aborted else "",
+        )
+        return counts
+
+    def _publish_heads(
+        self,
+        heads: Mapping[str, Commit],
+        mirror: CommitMirror | None,
+        fence: Callable[[], bool],
+        counts: PublishCounts,
+    ) -> None:
+        view = mirror.current if mirror is not None else None
+        unparseable = mirror.unparseable if mirror is not None else frozenset()
+        failures_in_a_row = 0
+        for key, commit in heads.items():
+            if view is not None and key not in unparseable:
+                # The mirror may lag a little; a write it hides is made on the next pass.
+                known = view.get(key)
+                if known == commit or (known is None and commit.empty):
+                    counts.unchanged += 1
+                    continue
+            if not fence():
+                counts.aborted = True
+                log.warning("Stopped publishing commits: no longer leader or connected")
+                return
+            if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+                # Connected but not answering: each key would wait out the keeper's timeout.
+                counts.aborted = True
+                log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+                return
+            try:
+                result = self.keeper.save(commit)
+            except ConcurrentCommitError as exc:
+                # Someone published a newer or different commit: never roll it back. Repeats
+                # every pass until the storage catches up, which is the point.
+                log.warning("Failed to publish commit, will try again soon: %s: %s", key, exc)
+                counts.refused += 1
+                failures_in_a_row = 0
+            except CommitTooLarge as exc:
+                log.error("Cannot publish commit %s: %s", key, exc)
+                counts.refused += 1
+                failures_in_a_row = 0
+            except KeeperError as exc:
+                log.warning("Failed to publish commit %s: %s", key, exc)
+                counts.failed += 1
+                failures_in_a_row += 1
+            except RainerError as exc:
+                log.warning("Failed to publish commit %s: %s", key, exc)
+                counts.refused += 1
+                failures_in_a_row = 0
+            except Exception:
+                log.exception("Failed to publish commit %s", key)
+                counts.failed += 1
+                failures_in_a_row += 1
+            else:
+                # SaveResult values are the names of the matching counters.
+                setattr(counts, result.value, getattr(counts, result.value) + 1)
+                failures_in_a_row = 0
+
+    def _get_mirror(self, fence: Callable[[], bool]) -> CommitMirror | None:
+        """The mirror to compare against, or ``None`` to read each znode instead.
+
+        The publisher's own mirror is opened on first use and kept: a leader only waits for it
+        while still allowed to write, so losing ZooKeeper meanwhile cannot wedge the leader.
+        """
+        if self._mirror is None or self._mirror.closed:
+            if not self._owns_mirror:
+                return None
+            self._mirror = self.keeper.mirror(wait=False)
+        mirror = self._mirror
+        deadline = time.monotonic() + _MIRROR_WAIT
+        while not mirror.wait_initialized(_SLEEP_SLICE):
+            if not fence() or time.monotonic() > deadline:
+                # Still correct without it, only slower: keeper.save reads each znode first.
+                log.warning(
+                    "Publishing without a mirror of %s (not initialized)", self.keeper.data_path
+                )
+                return None
+        return mirror
+
+    def next_interval(self) -> float:
+        """Seconds until the next pass: ``period`` ± up to ``fuzz`` of it."""
+        return self.period * (1.0 + self.fuzz * (2.0 * self._rng() - 1.0))
+
+    # ------------------------------------------------------------------ election
+
+    def _on_state(self, state: str) -> None:
+        # Runs on kazoo's connection thread: record and wake, nothing else.
+        with self._cond:
+            if state == KazooState.CONNECTED:
+                self._connected = True
+            else:
+                self._connected = False
+                self._losses += 1
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        log.info(
+            "Joining commit publisher election at %s as %s", self.election_path, self.identifier
+        )
+        while True:
+            with self._cond:
+                # Contending while disconnected would only pile up retries inside the recipe.
+                self._cond.wait_for(lambda: self._stopping or self._connected)
+                if self._stopping:
+                    break
+            try:
+                self._election.run(self._lead)
+            except Exception:
+                log.exception(
+                    "Commit publisher election at %s failed; re-joining", self.election_path
+                )
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, _REJOIN_PAUSE)
+        log.info("Left commit publisher election at %s", self.election_path)
+
+    def _lead(self) -> None:
+        with self._cond:
+            term = self._losses
+            if self._stopping or not self._connected:
+                return
+        if not self._owns_election_node():
+            # Do not spin on a broken term: pause before the election thread re-joins.
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, _REJOIN_PAUSE)
+            return
+        log.info(
+            "Starting automatic commit publishing: period = %s s + %s fuzz (%s)",
+            self.period,
+            self.fuzz,
+            self.identifier,
+        )
+        self._leading = True
+        try:
+            first = not self.delay
+            while True:
+                if not first and self._wait(self.next_interval(), term):
+                    break
+                first = False
+                # Someone may have deleted our election node (an operator cleaning up): then
+                # another contender leads already. One read per period keeps that honest.
+                if not self._may_lead(term) or not self._owns_election_node():
+                    break
+                try:
+                    self.publish_all(lambda: self._may_lead(term))
+                except Exception:
+                    # The storage may be down; stay leader and try again next period.
+                    log.exception("Failed to publish commits!")
+        finally:
+            self._leading = False
+            log.info("Stopped automatic commit publishing (%s)", self.identifier)
+
+    def _may_lead(self, term: int) -> bool:
+        # Read without the lock: plain attribute reads, and a stale answer only delays the stop
+        # by one key, whose write is still a compare-and-set.
+        return (
+            not self._stopping
+            and self._connected
+            and self._losses == term
+            and self.client.state == KazooState.CONNECTED
+        )
+
+    def _owns_election_node(self) -> bool:
+        """Whether our election znode is still there and owned by the current session.
+
+        A session can be lost and replaced between winning the lock and entering the leader
+        function; the old session's ephemeral node is then gone (or about to be), and leading on
+        it would make two leaders.
+        """
+        lock = self._election.lock
+        if not lock.node:
+            return False
+        try:
+            # Bounded: a synchronous call would block until reconnected.
+            stat = self.client.exists_async(f"{lock.path}/{lock.node}").get(
+                timeout=self.keeper.timeout
+            )
+        except (KazooException, self.client.handler.timeout_exception) as exc:
+            log.warning("Cannot check the election node: %r", exc)
+            return False
+        session_id = self.client.client_id[0] if self.client.client_id else None
+        return stat is not None and stat.ephemeralOwner == session_id
+
+    def _wait(self, seconds: float, term: int) -> bool:
+        """Wait ``seconds``; return True early (and at the end) when leadership is over."""
+        if self._sleep is None:
+            with self._cond:
+                return self._cond.wait_for(lambda: not self._may_lead(term), seconds)
+        deadline = self._clock() + seconds
+        while self._may_lead(term):
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return False
+            self._sleep(min(remaining, _SLEEP_SLICE))
+        return True
+
+
+__all__ = ["AutoPublisher", "PublishCounts", "default_identifier"]

@@ -1,0 +1,83 @@
+"""The builder of a ZooKeeper-backed Rainer: keeper, keeper-publishing storage, auto-publisher."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kazoo.client import KazooClient
+
+from rainer_server.keeper import CommitKeeper
+from rainer_server.publisher import AutoPublisher
+from rainer_server.storage import CommitStorage
+from rainer_server.storage.publishing import keeper_publishing
+
+log = logging.getLogger(__name__)
+
+
+class Rainers:
+    """The pieces that run together: use ``storage`` for writes, ``keeper`` for mirrors.
+
+    ``start()`` starts the storage, then joins the publisher election; ``stop()`` leaves the
+    election, then stops the storage. Neither starts nor stops the kazoo client.
+    """
+
+    def __init__(
+        self, storage: CommitStorage, keeper: CommitKeeper, auto_publisher: AutoPublisher
+    ) -> None:
+        self.storage = storage
+        self.keeper = keeper
+        self.auto_publisher = auto_publisher
+
+    @classmethod
+    def create(
+        cls,
+        kazoo_client: KazooClient,
+        base_path: str,
+        underlying_storage: CommitStorage,
+        period: float = 90.0,
+        fuzz: float = 0.2,
+        delay: bool = True,
+        *,
+        keeper_timeout: float | None = None,
+        **publisher_kwargs: Any,
+    ) -> Rainers:
+        """Build (without starting) the keeper, keeper-publishing storage and auto-publisher.
+
+        :param keeper_timeout: the longest one keeper call waits (``keeper.DEFAULT_TIMEOUT``).
+        :param publisher_kwargs: passed on to ``AutoPublisher`` (``mirror``, ``identifier``, ...).
+        """
+        keeper = (
+            CommitKeeper(kazoo_client, base_path)
+            if keeper_timeout is None
+            else CommitKeeper(kazoo_client, base_path, timeout=keeper_timeout)
+        )
+        storage = keeper_publishing(underlying_storage, keeper)
+        # The publisher reads the underlying storage: its heads are the truth to publish.
+        auto_publisher = keeper.auto_publisher(
+            underlying_storage, period=period, fuzz=fuzz, delay=delay, **publisher_kwargs
+        )
+        return cls(storage, keeper, auto_publisher)
+
+    def start(self) -> None:
+        self.storage.start()
+        self.auto_publisher.start()
+
+    def stop(self) -> None:
+        try:
+            self.auto_publisher.close()
+        finally:
+            self.storage.stop()
+
+    def __enter__(self) -> Rainers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Rainers({self.keeper!r})"
+
+
+__all__ = ["Rainers"]
