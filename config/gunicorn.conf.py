@@ -20,3 +20,15 @@ preload_app = True
 control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
+
+
+def post_fork(server, worker):
+    from rainer_server import gunicorn_hooks
+
+    gunicorn_hooks.post_fork(server, worker)
+
+
+def worker_exit(server, worker):
+    from rainer_server import gunicorn_hooks
+
+    gunicorn_hooks.worker_exit(server, worker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -39,6 +40,7 @@ JSON = "application/json"
 _TRUE = frozenset(("yes", "true", "1"))
 _FALSE = frozenset(("no", "false", "0"))
 RETRY_AFTER_SECONDS = 5
+CACHED = {"X-Rainer-Cached": "Yes"}
 
 
 def register(app: Flask, url_prefix: str) -> None:
@@ -111,7 +113,7 @@ def _commit_headers(commit: Commit) -> dict[str, str]:
 
 
 def _found(key: str, version: int | None = None) -> Commit:
-    commit = get_rainer().storage.get(key, version)
+    commit = get_rainer().database_storage.get(key, version)
     if commit is None:
         raise CommitNotFound(key, version)
     return commit
@@ -149,15 +151,25 @@ def list_heads() -> Response:
     utf8 = _boolean(request.args.get("payload_utf8"), "payload_utf8")
     b64 = _boolean(request.args.get("payload_base64"), "payload_base64")
     rainer = get_rainer()
-    storage = rainer.storage
-    flags = (include_all, utf8, b64)
+    view = None if include_all else rainer.cached_view()
+    if view is not None:
+        # The mirror swaps in a new immutable mapping on every change: identity revalidates.
+        heads = view.current
+        flags = ("mirror", utf8, b64)
+        cached = rainer.list_cache.get(flags)
+        if cached is None or cached[0] is not heads:
+            cached = (heads, _list_body(heads, False, utf8, b64))
+            rainer.list_cache[flags] = cached
+        return Response(cached[1], 200, mimetype=JSON, headers=CACHED)
+    storage = rainer.database_storage
+    flags = ("storage", include_all, utf8, b64)
     token = storage.heads_token()
     cached = rainer.list_cache.get(flags)
     if cached is None or cached[0] != token:
         heads = storage.heads()
         # The token is derived from the heads just read, not from the earlier query, so a
         # commit landing in between can never be cached under a token that hides it.
-        cached = (sum(c.version for c in heads.values()), _list_body(heads, flags))
+        cached = (sum(c.version for c in heads.values()), _list_body(heads, include_all, utf8, b64))
         rainer.list_cache[flags] = cached
     etag = f'"{cached[0]}"'
     if etag in request.headers.get("If-None-Match", ""):
@@ -165,31 +177,56 @@ def list_heads() -> Response:
     return Response(cached[1], 200, mimetype=JSON, headers={"ETag": etag})
 
 
-def _list_body(heads: dict[str, Commit], flags: tuple[bool, bool, bool]) -> bytes:
-    include_all, utf8, b64 = flags
-    listing = {}
-    for key in sorted(heads):
-        commit = heads[key]
-        if commit.empty and not include_all:
-            continue
-        meta = commit.meta
-        if commit.payload is not None:
-            if utf8:
-                meta["payload_utf8"] = commit.payload.decode("utf-8", "replace")
-            if b64:
-                meta["payload_base64"] = base64.b64encode(commit.payload).decode("ascii")
-        listing[key] = meta
+def _list_body(heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool) -> bytes:
+    listing = {
+        key: _meta_with_payload(heads[key], utf8, b64)
+        for key in sorted(heads)
+        if include_all or not heads[key].empty
+    }
     return json.dumps(listing, ensure_ascii=False).encode("utf-8")
+
+
+def _meta_with_payload(commit: Commit, utf8: bool, b64: bool) -> dict[str, Any]:
+    meta = commit.meta
+    if commit.payload is not None:
+        if utf8:
+            meta["payload_utf8"] = commit.payload.decode("utf-8", "replace")
+        if b64:
+            meta["payload_base64"] = base64.b64encode(commit.payload).decode("ascii")
+    return meta
+
+
+def _head(key: str) -> tuple[Commit, bool]:
+    """The newest commit of ``key`` and whether it came from the mirror.
+
+    A key the mirror lacks (tombstoned, or created a moment ago and not yet seen) is read
+    from the storage, so a writer never sees a 404 for the key it just wrote.
+    """
+    rainer = get_rainer()
+    view = rainer.cached_view()
+    if view is not None:
+        commit = view.current.get(key)
+        if commit is not None:
+            return commit, True
+    return _found(key), False
 
 
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
-    return _payload_response(_found(_key(key)))
+    commit, cached = _head(_key(key))
+    response = _payload_response(commit)
+    if cached:
+        response.headers.update(CACHED)
+    return response
 
 
 @bp.get("/<key>/meta")
 def get_head_meta(key: str) -> Response:
-    return _json(_found(_key(key)).meta)
+    commit, cached = _head(_key(key))
+    response = _json(commit.meta)
+    if cached:
+        response.headers.update(CACHED)
+    return response
 
 
 MAX_HISTORY_LIMIT = 1000
@@ -207,17 +244,23 @@ def _positive_int_parameter(name: str, default: int | None) -> int | None:
 
 @bp.get("/<key>/history")
 def get_history(key: str) -> Response:
-    """Metas of ``key`` newest first, tombstones included, one page per request."""
+    """Metas of ``key`` newest first, tombstones included, one page per request.
+
+    ``payload_utf8``/``payload_base64`` add payloads as ``GET /`` does, so a client can show
+    a page of diffs (``rainer log``) without one request per version.
+    """
     key = _key(key)
     limit = _positive_int_parameter("limit", 100)
     if limit > MAX_HISTORY_LIMIT:
         raise InvalidCommit(f"Invalid 'limit' parameter (at most {MAX_HISTORY_LIMIT})")
     before = _positive_int_parameter("before", None)
-    storage = get_rainer().storage
+    utf8 = _boolean(request.args.get("payload_utf8"), "payload_utf8")
+    b64 = _boolean(request.args.get("payload_base64"), "payload_base64")
+    storage = get_rainer().database_storage
     commits = storage.history(key, limit=limit, before=before)
     if not commits and storage.get(key) is None:
         raise CommitNotFound(key)
-    return _json([commit.meta for commit in commits])
+    return _json([_meta_with_payload(commit, utf8, b64) for commit in commits])
 
 
 @bp.get("/<key>/<version>")
@@ -259,7 +302,7 @@ def post_commit(key: str, version: str) -> Response:
         raise InvalidCommit("Empty payload required with X-Rainer-Empty")
     if not 1 <= number <= MAX_VERSION:
         # Never the next version: answer as any other out-of-order write.
-        head = rainer.storage.get(key)
+        head = rainer.database_storage.get(key)
         raise CommitOrderingError(key, (head.version if head else 0) + 1, number)
     if not empty:
         rainer.payloads.validate(key, body)

@@ -1,12 +1,15 @@
-"""The Flask extension: wires settings, storage and payload validation into an app.
+"""The Flask extension: wires settings, storage, payload validation and ZooKeeper into an app.
 
-``Rainer().init_app(app)`` mounts the API on any Flask app. Storage is opened lazily on first
-use, once per process, so creating the app opens no connection (safe with ``preload_app``).
+``Rainer().init_app(app)`` mounts the API on any Flask app. Nothing is opened when the app is
+created: the database on first use, ZooKeeper on first use or from gunicorn's ``post_fork``
+hook, once per process. So ``preload_app`` forks no sockets and no threads.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from typing import TYPE_CHECKING
 from typing import Any
 
 from flask import Flask
@@ -16,6 +19,14 @@ from rainer_server.payloads import PayloadValidator
 from rainer_server.settings import Settings
 from rainer_server.settings import load_settings
 from rainer_server.storage import CommitStorage
+
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
+
+    from rainer_server.keeper import CommitMirror
+    from rainer_server.rainers import Rainers
+
+log = logging.getLogger(__name__)
 
 
 class Rainer:
@@ -27,12 +38,16 @@ class Rainer:
 
     def __init__(self, app: Flask | None = None, storage: CommitStorage | None = None) -> None:
         self._given_storage = storage
-        self._storage: CommitStorage | None = storage
-        self._lock = threading.Lock()
+        self._database_storage: CommitStorage | None = storage
+        self._database_started = False
+        self._lock = threading.RLock()
         self.settings: Settings = Settings()
         self.payloads = PayloadValidator()
-        # Serialised lists by query flags: (heads token, body). Revalidated per request.
-        self.list_cache: dict[tuple[bool, bool, bool], tuple[int, bytes]] = {}
+        # Serialised lists by query flags: (heads token or mirror view, body).
+        self.list_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        self.zk_client: KazooClient | None = None
+        self.rainers: Rainers | None = None
+        self.mirror: CommitMirror | None = None
         if app is not None:
             self.init_app(app)
 
@@ -48,16 +63,30 @@ class Rainer:
         api.register(app, self.settings.url_prefix)
         app.cli.add_command(admin.rainer_cli)
 
+    # ------------------------------------------------------------------ storage
+
+    @property
+    def database_storage(self) -> CommitStorage:
+        """The system of record (reads and writes, no ZooKeeper), started on first use."""
+        if not self._database_started:
+            with self._lock:
+                if self._database_storage is None:
+                    self._database_storage = self.open_storage()
+                if not self._database_started:
+                    self._database_storage.start()
+                    self._database_started = True
+        assert self._database_storage is not None
+        return self._database_storage
+
     @property
     def storage(self) -> CommitStorage:
-        """The system of record, started on first use."""
-        if self._storage is None:
-            with self._lock:
-                if self._storage is None:
-                    storage = self.open_storage()
-                    storage.start()
-                    self._storage = storage
-        return self._storage
+        """The storage to use for writes: keeper-publishing when ZooKeeper is configured."""
+        storage = self.database_storage
+        if self.settings.zk_hosts:
+            self.start_zookeeper()
+            assert self.rainers is not None
+            return self.rainers.storage
+        return storage
 
     def open_storage(self) -> CommitStorage:
         """A new, unstarted storage as the settings describe it."""
@@ -66,12 +95,76 @@ class Rainer:
 
         return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
 
-    def close(self) -> None:
-        """Release the storage this extension opened (not one it was given)."""
+    # ------------------------------------------------------------------ ZooKeeper
+
+    def cached_view(self) -> CommitMirror | None:
+        """This process's mirror when it is complete, for cached reads; else ``None``."""
+        if not self.settings.zk_hosts:
+            return None
+        self.start_zookeeper()
+        mirror = self.mirror
+        return mirror if mirror is not None and mirror.initialized else None
+
+    def start_zookeeper(self) -> None:
+        """Connect to ZooKeeper, open the mirror and join the publisher election.
+
+        Returns at once: the connection, the mirror and the election complete in the
+        background, and reads fall back to the database until the mirror is complete. Does
+        nothing when ZooKeeper is not configured or already started. Call it after forking.
+        """
+        if self.rainers is not None or not self.settings.zk_hosts:
+            return
         with self._lock:
-            if self._storage is not None and self._storage is not self._given_storage:
-                self._storage.stop()
-                self._storage = None
+            if self.rainers is not None:
+                return
+            from rainer_server.keeper import CommitKeeper
+            from rainer_server.keeper import make_kazoo_client
+            from rainer_server.rainers import Rainers
+
+            settings = self.settings
+            client = make_kazoo_client(settings.zk_hosts, settings.zk_session_timeout)
+            # start_async: a ZooKeeper that is down at boot must not hold up requests; the
+            # database is the system of record and kazoo keeps trying in the background.
+            client.start_async()
+            mirror = CommitKeeper(client, settings.zk_path).mirror(wait=False)
+            self._ensure_database_storage_object()
+            assert self._database_storage is not None
+            rainers = Rainers.create(
+                client,
+                settings.zk_path,
+                self._database_storage,
+                period=settings.publish_period,
+                fuzz=settings.publish_fuzz,
+                mirror=mirror,
+            )
+            rainers.auto_publisher.start()
+            self.zk_client, self.mirror, self.rainers = client, mirror, rainers
+            log.info("Rainer connected to ZooKeeper at %s%s", settings.zk_hosts, settings.zk_path)
+
+    def _ensure_database_storage_object(self) -> None:
+        # The publisher needs the storage object now; it is started (table created) on first use.
+        if self._database_storage is None:
+            self._database_storage = self.open_storage()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Leave the election, close the mirror and ZooKeeper, release the storage we opened."""
+        with self._lock:
+            rainers, mirror, client = self.rainers, self.mirror, self.zk_client
+            self.rainers = self.mirror = self.zk_client = None
+            if rainers is not None:
+                rainers.auto_publisher.close()
+            if mirror is not None:
+                mirror.close()
+            if client is not None:
+                client.stop()
+                client.close()
+            storage = self._database_storage
+            if storage is not None and storage is not self._given_storage:
+                storage.stop()
+                self._database_storage = None
+                self._database_started = False
 
 
 def get_rainer(app: Any = None) -> Rainer:

@@ -63,7 +63,7 @@ class SettingsSchema(Schema):
     zk_path = fields.String(validate=validate.Regexp(r"^(/[^/\s]+)+$", error="must be an absolute znode path"))
     zk_session_timeout = fields.Float(validate=validate.Range(min=1, max=300))
     publish_period = fields.Float(validate=validate.Range(min=0.1, min_inclusive=True))
-    publish_fuzz = fields.Float(validate=validate.Range(min=0, max=1))
+    publish_fuzz = fields.Float(validate=validate.Range(min=0, max=1, max_inclusive=False))
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> Settings:

@@ -371,7 +371,8 @@ def test_responses_are_json_even_for_unexpected_errors(app):
         def get(self, key, version=None):
             raise RuntimeError("boom with secrets")
 
-    app.extensions["rainer"]._storage = Broken()
+    rainer = app.extensions["rainer"]
+    rainer._database_storage, rainer._database_started = Broken(), True
     r = app.test_client().get("/diary/k")
     assert r.status_code == 500
     assert r.get_json() == {"error": "Internal server error"}

@@ -1,0 +1,168 @@
+"""The service with ZooKeeper configured: publishing writes, mirror-backed reads, and one
+elected publisher among gunicorn workers that survives SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from rainer_server import Commit
+from rainer_server import create_app
+from tests.test_gunicorn import Gunicorn
+from tests.test_gunicorn import request
+
+pytestmark = pytest.mark.zookeeper
+
+AUTHOR = {"X-Rainer-Author": "alice"}
+
+
+def wait_for(condition, timeout=10.0, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+@pytest.fixture
+def zk_app(zk_chroot, tmp_path):
+    app = create_app(
+        {
+            "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/zk.db",
+            "RAINER_ZK_HOSTS": zk_chroot,
+            "RAINER_ZK_SESSION_TIMEOUT": 4,
+            "RAINER_PUBLISH_PERIOD": 0.5,
+        }
+    )
+    yield app
+    app.extensions["rainer"].close()
+
+
+def jvm_znode(key: str, version: int, payload: bytes, with_empty: bool = False) -> bytes:
+    # The original's Jackson output of a Scala Map: compact, keys in hash order.
+    header = (
+        '{"mtime":"1970-01-01T00:00:00.002Z","comment":"from the JVM","author":"scala",'
+        f'"version":{version},"key":"{key}"' + (',"empty":false}' if with_empty else "}")
+    ).encode()
+    return b"%d\n%s\n%s\n" % (len(header), header, payload)
+
+
+def test_writes_reach_zookeeper_and_reads_come_from_the_mirror(zk_app, zk):
+    client = zk_app.test_client()
+    r = client.post("/diary/svc/1", data=b'{"threads": 4}', headers=AUTHOR)
+    assert r.status_code == 200
+    data, _ = zk.get("/rainer/data/svc")
+    assert Commit.deserialize(data).payload == b'{"threads": 4}'
+
+    rainer = zk_app.extensions["rainer"]
+    wait_for(lambda: rainer.cached_view() is not None, message="mirror")
+    wait_for(lambda: "svc" in rainer.mirror.current, message="svc in mirror")
+    for url in ("/diary", "/diary/svc", "/diary/svc/meta"):
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers.get("X-Rainer-Cached") == "Yes", url
+    assert client.get("/diary/svc").data == b'{"threads": 4}'
+    for url in ("/diary?all=yes", "/diary/svc/1", "/diary/svc/1/meta", "/diary/svc/history"):
+        r = client.get(url)
+        assert r.status_code == 200 and "X-Rainer-Cached" not in r.headers, url
+
+
+def test_commits_written_by_a_jvm_rainer_are_served(zk_app, zk):
+    client = zk_app.test_client()
+    zk.ensure_path("/rainer/data")
+    zk.create("/rainer/data/from-jvm", jvm_znode("from-jvm", 7, b'{"x":1}'))
+    zk.create("/rainer/data/also-jvm", jvm_znode("also-jvm", 2, b"[]", with_empty=True))
+    rainer = zk_app.extensions["rainer"]
+    wait_for(lambda: rainer.cached_view() is not None and "also-jvm" in rainer.mirror.current)
+    listing = client.get("/diary").get_json()
+    assert listing["from-jvm"]["version"] == 7 and listing["from-jvm"]["author"] == "scala"
+    r = client.get("/diary/from-jvm")
+    assert r.data == b'{"x":1}' and r.headers["X-Rainer-Version"] == "7"
+    assert r.headers["X-Rainer-Cached"] == "Yes"
+    # The mirror follows changes made by anyone.
+    zk.set("/rainer/data/from-jvm", jvm_znode("from-jvm", 8, b'{"x":2}'))
+    wait_for(lambda: client.get("/diary/from-jvm").data == b'{"x":2}', message="update")
+    zk.delete("/rainer/data/also-jvm")
+    wait_for(lambda: "also-jvm" not in client.get("/diary").get_json(), message="delete")
+
+
+def test_a_new_key_is_readable_at_once_even_before_the_mirror_sees_it(zk_app):
+    client = zk_app.test_client()
+    rainer = zk_app.extensions["rainer"]
+    client.get("/diary")
+    wait_for(lambda: rainer.cached_view() is not None, message="mirror")
+    for version in range(1, 6):
+        assert client.post(f"/diary/fresh/{version}", data=b"{}", headers=AUTHOR).status_code == 200
+        assert client.get("/diary/fresh/meta").get_json()["version"] >= version - 1
+
+
+def test_writes_succeed_quickly_while_zookeeper_is_unreachable(tmp_path):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    app = create_app(
+        {
+            "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/nozk.db",
+            "RAINER_ZK_HOSTS": f"127.0.0.1:{dead_port}",
+        }
+    )
+    try:
+        client = app.test_client()
+        started = time.monotonic()
+        assert client.post("/diary/k/1", data=b"{}", headers=AUTHOR).status_code == 200
+        assert client.post("/diary/k/2", data=b"[]", headers=AUTHOR).status_code == 200
+        assert time.monotonic() - started < 5
+        r = client.get("/diary/k")
+        assert r.data == b"[]" and "X-Rainer-Cached" not in r.headers
+        assert list(client.get("/diary").get_json()) == ["k"]
+    finally:
+        app.extensions["rainer"].close()
+
+
+@pytest.mark.gunicorn
+def test_one_publisher_among_gunicorn_workers_and_sigkill_hands_over(zk_chroot, zk, tmp_path):
+    server = Gunicorn(
+        {
+            "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/cluster.db",
+            "RAINER_ZK_HOSTS": zk_chroot,
+            "RAINER_ZK_SESSION_TIMEOUT": "4",
+            "RAINER_PUBLISH_PERIOD": "1",
+            "RAINER_PUBLISH_FUZZ": "0.1",
+            "RAINER_TEST_LOG_DIR": str(tmp_path),
+        },
+        workers=3,
+    )
+    try:
+        server.wait_ready()
+        election = zk.Election("/rainer/election")
+        contenders = wait_for(lambda: len(election.contenders()) == 3 and election.contenders(), 20, "3 contenders")
+        worker_pids = {int(c.rsplit(":", 1)[1]) for c in contenders}
+        assert len(worker_pids) == 3 and server.process.pid not in worker_pids
+
+        status, _, _ = request(server.url + "/svc/1", data=b'{"v":1}', headers=AUTHOR, method="POST")
+        assert status == 200
+        # The leader repairs a znode deleted behind its back.
+        zk.delete("/rainer/data/svc")
+        wait_for(lambda: zk.exists("/rainer/data/svc"), 10, "repair by the first leader")
+
+        leader_pid = int(election.contenders()[0].rsplit(":", 1)[1])
+        os.kill(leader_pid, signal.SIGKILL)
+        # Its ephemeral node goes when its session expires; another worker then leads.
+        new_leader = wait_for(
+            lambda: (c := election.contenders()) and int(c[0].rsplit(":", 1)[1]) != leader_pid and c[0],
+            20,
+            "a new leader",
+        )
+        assert int(new_leader.rsplit(":", 1)[1]) in worker_pids
+        zk.delete("/rainer/data/svc")
+        wait_for(lambda: zk.exists("/rainer/data/svc"), 10, "repair by the new leader")
+        data, _ = zk.get("/rainer/data/svc")
+        assert Commit.deserialize(data).payload == b'{"v":1}'
+    finally:
+        server.stop()
+    # worker_exit left the election cleanly: no contender waits for a session timeout.
+    wait_for(lambda: election.contenders() == [], 3, "contenders gone after SIGTERM")
