@@ -61,14 +61,17 @@ def parse_version(text: str) -> int | None:
 
 
 def parse_mtime(text: str) -> datetime:
-    """Parse an ISO-8601 timestamp; one without a zone is taken as UTC.
+    """Parse an ISO-8601 timestamp into UTC; one without a zone is taken as UTC.
 
-    :raises ValueError: when ``text`` is not ISO-8601.
+    :raises ValueError: when ``text`` is not ISO-8601 or not representable in UTC.
     """
     parsed = datetime.fromisoformat(text.strip())
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"timestamp out of range: {text!r}") from None
 
 
 def format_mtime(mtime: datetime) -> str:
@@ -82,7 +85,10 @@ def _normalise_mtime(mtime: datetime) -> datetime:
     # equal to itself after any round trip (DB, znode, HTTP headers).
     if mtime.tzinfo is None:
         raise InvalidCommit("mtime must be timezone-aware")
-    utc = mtime.astimezone(timezone.utc)
+    try:
+        utc = mtime.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidCommit("mtime out of range") from None
     return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
 
 

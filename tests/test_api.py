@@ -126,8 +126,18 @@ def test_header_key_and_version_must_match(client):
     )
 
 
-def test_malformed_mtime_names_the_header(client):
-    assert_error(post(client, "k", 1, X_Rainer_Modified_Time="yesterday"), 400, "X-Rainer-Modified-Time")
+@pytest.mark.parametrize("mtime", ["yesterday", "99999-01-01", "0001-01-01T00:00:00+05:00", "2014-13-01"])
+def test_malformed_mtime_names_the_header(client, mtime):
+    assert_error(post(client, "k", 1, X_Rainer_Modified_Time=mtime), 400, "X-Rainer-Modified-Time")
+
+
+def test_huge_numbers_in_urls_are_not_server_errors(client):
+    post(client, "k", 1)
+    huge = "9" * 30
+    for url in (f"/diary/k/{huge}", f"/diary/k/{huge}/meta"):
+        assert_error(client.get(url), 404, "Key not found")
+    assert client.get(f"/diary/k/history?before={huge}").get_json()[0]["version"] == 1
+    assert post(client, "k", huge).status_code == 409
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"not json", b"NaN", b"\xff\xfe", b'{"a": 1} trailing'])
@@ -402,3 +412,37 @@ def test_history_errors(client):
         r = client.get(f"/diary/h/history?{query}")
         assert r.status_code == 400, query
         assert b"Invalid '" in r.data
+
+
+def test_random_garbage_never_makes_a_server_error(client):
+    """Seeded random keys, versions, headers and bodies: every answer is a 2xx or a 4xx."""
+    import random
+    from urllib.parse import quote
+
+    rng = random.Random(20261124)
+    alphabet = ["a", "é", "/", ".", "%", "\x00", "\n", " ", "9", "٣", "\ufffd", "😀", "\x85", "?", "#"]
+
+    def text(n):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+
+    for _ in range(300):
+        key = quote(text(6), safe="") or "k"
+        version = rng.choice(["1", "2", "0", "-1", text(3), "9" * rng.randint(1, 40)])
+        headers = {
+            name: text(8).encode("utf-8").decode("latin-1")
+            for name in ("X-Rainer-Author", "X-Rainer-Comment", "X-Rainer-Empty", "X-Rainer-Modified-Time",
+                         "X-Rainer-Key", "X-Rainer-Version")
+            if rng.random() < 0.5
+        }
+        headers = {k: v.replace("\n", " ").replace("\x00", "") for k, v in headers.items()}
+        body = rng.choice([b"", b"{}", b"[1]", text(10).encode("utf-8"), bytes(rng.randrange(256) for _ in range(8))])
+        for response in (
+            client.post(f"/diary/{key}/{version}", data=body, headers=headers),
+            client.get(f"/diary/{key}/{version}"),
+            client.get(f"/diary/{key}/{version}/meta"),
+            client.get(f"/diary/{key}"),
+            client.get(f"/diary/{key}/history?limit={quote(version)}&before={quote(version)}"),
+            client.get(f"/diary?all={quote(text(3))}"),
+        ):
+            assert response.status_code < 500, (key, version, headers, body, response.data)
+            assert b"Traceback" not in response.data

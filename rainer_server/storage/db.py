@@ -27,6 +27,7 @@ from peewee import TextField
 from playhouse.db_url import connect
 from playhouse.db_url import parse
 
+from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import StorageUnavailable
@@ -173,6 +174,8 @@ class DbCommitStorage:
     # ------------------------------------------------------------------ reads
 
     def get(self, key: str, version: int | None = None) -> Commit | None:
+        if version is not None and not 1 <= version <= MAX_VERSION:
+            return None  # never stored, and SQLite cannot even bind integers past 2**63
         query = self._row.select(*self._fields).where(self._row.key == key)
         if version is None:
             query = query.order_by(self._row.version.desc()).limit(1)
@@ -202,7 +205,7 @@ class DbCommitStorage:
         """Commits of ``key`` newest first, at most ``limit``, only versions below ``before``."""
         query = self._row.select(*self._fields).where(self._row.key == key)
         if before is not None:
-            query = query.where(self._row.version < before)
+            query = query.where(self._row.version < min(before, MAX_VERSION + 1))
         query = query.order_by(self._row.version.desc()).limit(limit)
         return [self._to_commit(row) for row in self._run(lambda: list(query.tuples()))]
 
