@@ -1,0 +1,654 @@
+"""The ``rainer`` command: read and change configuration on a Rainer server.
+
+Commands and output shapes follow the published ``pyrainer`` tool (spec §6), with what it
+lacked: ``--url`` from ``RAINER_URL``, an author that works without a terminal, ``revert``,
+one request per page for ``log``, colour and a pager only on a terminal, and one line on
+stderr (never a traceback) when the server or the network fails.
+
+Talks to the server through ``rainer_server.client`` only: no Flask, peewee or kazoo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import difflib
+import getpass
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import IO
+from typing import Any
+
+import click
+import yaml
+
+from rainer_server.client import RainerClient
+from rainer_server.commit import Commit
+from rainer_server.commit import format_mtime
+from rainer_server.errors import CommitNotFound
+from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import RainerError
+
+#: Header fields a prepared commit may carry (pyrainer writes author, comment and version).
+HEADER_FIELDS = frozenset(("author", "comment", "version", "empty", "mtime", "key"))
+LOG_PAGE_SIZE = 100
+DEFAULT_PAGER = "less"
+# less: quit when the log fits on one screen, pass colours through, don't clear the screen.
+DEFAULT_LESS = "FRX"
+
+Style = Callable[..., str]
+
+
+# ---------------------------------------------------------------------- text helpers
+
+
+def _plain(text: str, **_: Any) -> str:
+    return text
+
+
+def colour_wanted(stream: IO[Any]) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return _isatty(stream)
+
+
+def _isatty(stream: IO[Any]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def styler(colour: bool) -> Style:
+    return click.style if colour else _plain
+
+
+def _text_lines(payload: bytes | None) -> list[str]:
+    text = (payload or b"").decode("utf-8", "replace")
+    parts = text.split("\n")
+    lines = [part + "\n" for part in parts[:-1]]
+    return lines + [parts[-1]] if parts[-1] else lines
+
+
+def unified_diff(
+    old: bytes | None, new: bytes | None, old_name: str, new_name: str, style: Style = _plain
+) -> str:
+    """A unified diff of two payloads, marking a missing final newline as diff(1) does."""
+    out = []
+    for line in difflib.unified_diff(_text_lines(old), _text_lines(new), old_name, new_name):
+        text = line.rstrip("\n")
+        if line.startswith(("--- ", "+++ ")):
+            out.append(style(text, bold=True))
+        elif line.startswith("@@"):
+            out.append(style(text, fg="cyan"))
+        elif line.startswith("-"):
+            out.append(style(text, fg="red"))
+        elif line.startswith("+"):
+            out.append(style(text, fg="green"))
+        else:
+            out.append(text)
+        out.append("\n" if line.endswith("\n") else "\n\\ No newline at end of file\n")
+    return "".join(out)
+
+
+def render_log(commits: Iterable[Commit], style: Style = _plain) -> Iterator[str]:
+    """``git log -p``-like text for commits given newest first (spec §6's ``log``).
+
+    Each entry diffs a version against the next one in ``commits`` (its predecessor), the
+    oldest against nothing.
+    """
+    walk = iter(commits)
+    current = next(walk, None)
+    while current is not None:
+        older = next(walk, None)
+        title = f"commit {current.version}" + (" (empty)" if current.empty else "")
+        lines = [
+            style(title, fg="yellow"),
+            f"Author: {current.author}",
+            f"Date:   {format_mtime(current.mtime)}",
+            "",
+        ]
+        if current.comment:
+            lines += [f"  {line}" for line in current.comment.split("\n")] + [""]
+        text = "\n".join(lines) + "\n"
+        previous = older if older is not None and older.version == current.version - 1 else None
+        text += unified_diff(
+            previous.payload if previous else None,
+            current.payload,
+            f"{current.key} {current.version - 1}",
+            f"{current.key} {current.version}",
+            style,
+        )
+        yield text + "\n"
+        current = older
+
+
+def prepare_text(
+    version: int, author: str, comment: str, payload: bytes | None, empty: bool = False
+) -> bytes:
+    """A commit as text to edit: a YAML header, ``---``, then the payload (pyrainer's shape)."""
+    header: dict[str, Any] = {"author": author, "comment": comment, "version": version}
+    if empty:
+        header["empty"] = True
+    text = yaml.safe_dump(header, default_flow_style=False, allow_unicode=True, sort_keys=True)
+    return text.encode("utf-8") + b"---\n" + (payload or b"")
+
+
+def parse_prepared(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """Split a prepared commit into its header mapping and its payload bytes.
+
+    The payload is everything after the first ``---`` line, byte for byte.
+
+    :raises click.ClickException: when there is no ``---`` line or the header is not YAML.
+    """
+    if data.startswith(b"---\n"):  # an explicit YAML document start before the header
+        data = data[4:]
+    head, separator, payload = data.partition(b"\n---\n")
+    if not separator:
+        if data.endswith(b"\n---"):
+            head, payload = data[:-4], b""
+        else:
+            raise click.ClickException(
+                "not a prepared commit: expected a YAML header, a '---' line, then the payload"
+            )
+    try:
+        header = yaml.safe_load(head.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())
+        raise click.ClickException(f"the header is not valid YAML: {reason}") from None
+    if not isinstance(header, dict):
+        raise click.ClickException("the header must be a YAML mapping (author, comment, version)")
+    return header, payload
+
+
+def header_meta(
+    key: str, header: Mapping[str, Any], default_author: Callable[[], str]
+) -> dict[str, Any]:
+    """The meta to post for a prepared commit's header.
+
+    :raises click.ClickException: naming the bad field.
+    """
+    unknown = sorted(str(name) for name in header if name not in HEADER_FIELDS)
+    if unknown:
+        raise click.ClickException(f"unknown field(s) in the header: {', '.join(unknown)}")
+    if "key" in header and header["key"] != key:
+        raise click.ClickException(f"the header is for key {header['key']!r}, not {key!r}")
+    version = header.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise click.ClickException("the header needs 'version', a positive integer")
+    empty = header.get("empty", False)
+    if not isinstance(empty, bool):
+        raise click.ClickException("'empty' in the header must be true or false")
+    author = header.get("author")
+    comment = header.get("comment")
+    meta: dict[str, Any] = {
+        "key": key,
+        "version": version,
+        "author": default_author() if author is None else str(author),
+        "comment": "" if comment is None else str(comment),
+        "empty": empty,
+    }
+    mtime = header.get("mtime")
+    if isinstance(mtime, dt.datetime):  # YAML reads unquoted timestamps as datetimes
+        meta["mtime"] = mtime if mtime.tzinfo else mtime.replace(tzinfo=dt.timezone.utc)
+    elif mtime is not None:
+        meta["mtime"] = str(mtime)
+    return meta
+
+
+# ---------------------------------------------------------------------- output
+
+
+@contextlib.contextmanager
+def paged_output() -> Iterator[Callable[[str], None]]:
+    """Yield a function writing text to ``$PAGER`` (default ``less``) on a terminal, else stdout.
+
+    ``PAGER=""`` turns the pager off. Quitting the pager early stops the output quietly.
+    """
+    command = os.environ.get("PAGER", DEFAULT_PAGER)
+    argv = shlex.split(command) if command.strip() else []
+    if not argv or not _isatty(sys.stdout):
+        yield lambda text: click.echo(text, nl=False, color=True)
+        return
+    sys.stdout.flush()
+    env = dict(os.environ)
+    env.setdefault("LESS", DEFAULT_LESS)
+    try:
+        pager = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
+    except OSError as exc:
+        click.echo(f"rainer: cannot run pager {command!r}: {exc}", err=True)
+        yield lambda text: click.echo(text, nl=False, color=True)
+        return
+    # Ctrl-C belongs to the pager while it runs (as with git); we only wait for it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stream = io.TextIOWrapper(pager.stdin, encoding="utf-8", errors="replace")  # type: ignore[arg-type]
+    try:
+        yield stream.write
+        stream.close()
+    except BrokenPipeError:  # the user quit the pager
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.close()
+        pager.wait()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _echo_bytes(data: bytes) -> None:
+    click.echo(data, nl=False)
+
+
+def _echo_meta(meta: Mapping[str, Any]) -> None:
+    click.echo(json.dumps(meta, ensure_ascii=False))
+
+
+def ask_yes_no(question: str) -> bool:
+    """Ask until the answer is ``yes`` or ``no`` (pyrainer's prompt).
+
+    :raises click.ClickException: when standard input ends without an answer.
+    """
+    prompt = question
+    while True:
+        click.echo(prompt, nl=False)
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            click.echo()
+            raise click.ClickException("no answer on standard input; nothing was committed")
+        answer = line.strip()
+        if not _isatty(sys.stdin):  # a terminal echoes the answer; keep piped transcripts readable
+            click.echo(answer)
+        if answer in ("yes", "no"):
+            return answer == "yes"
+        prompt = "Please type 'yes' or 'no': "
+
+
+# ---------------------------------------------------------------------- the session
+
+
+class Session:
+    """What every command needs: the client, who is committing, how to print."""
+
+    def __init__(self, url: str | None, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._client: RainerClient | None = None
+        self.style = styler(colour_wanted(sys.stdout))
+
+    @property
+    def client(self) -> RainerClient:
+        if self._client is None:
+            if not self.url:
+                raise click.UsageError("no server URL: pass --url or set RAINER_URL")
+            try:
+                self._client = RainerClient(self.url, timeout=self.timeout)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        return self._client
+
+    @staticmethod
+    def author() -> str:
+        """``RAINER_AUTHOR``, else the login name; works without a terminal (cron, CI)."""
+        author = os.environ.get("RAINER_AUTHOR")
+        if author:
+            return author
+        try:
+            return getpass.getuser()
+        except Exception:  # no LOGNAME/USER and no passwd entry (containers); KeyError/OSError
+            raise click.ClickException("cannot tell who you are: set RAINER_AUTHOR") from None
+
+    def next_version(self, key: str) -> int:
+        try:
+            return int(self.client.get_metadata(key)["version"]) + 1
+        except CommitNotFound:
+            return 1
+
+    def confirm_and_post(
+        self, key: str, old: Commit | None, meta: dict[str, Any], payload: bytes | None
+    ) -> str:
+        """Show the diff and ask, as pyrainer did; post on ``yes``.
+
+        :returns: ``"posted"``, ``"unchanged"`` (nothing to post) or ``"declined"``.
+        """
+        empty = bool(meta.get("empty"))
+        new_payload = None if empty else payload or b""
+        if _unchanged(old, empty, new_payload):
+            click.echo("No change, not committing.")
+            return "unchanged"
+        click.echo(
+            unified_diff(
+                old.payload if old else None,
+                new_payload,
+                f"{key} (current)",
+                f"{key} (new)",
+                self.style,
+            ),
+            nl=False,
+            color=True,
+        )
+        if not ask_yes_no(f"Commit to {self.client.commit_uri(key)} (yes/no)? "):
+            click.echo("OK, not committing.")
+            return "declined"
+        _echo_meta(self.client.post_commit(meta, new_payload))
+        return "posted"
+
+
+def _unchanged(old: Commit | None, empty: bool, payload: bytes | None) -> bool:
+    if empty:  # a tombstone over nothing, or over a tombstone
+        return old is None or old.empty
+    if old is None or old.empty:  # a new (or deleted) key left blank: nothing to create
+        return not payload
+    return old.payload == payload
+
+
+def describe_conflict(exc: CommitOrderingError) -> str:
+    head = exc.expected_version - 1
+    if exc.provided_version > exc.expected_version:
+        return (
+            f"version {exc.provided_version} of {exc.key!r} would leave a gap: "
+            f"the next version is {exc.expected_version}"
+        )
+    return (
+        f"conflict: {exc.key!r} is already at version {head}, so version "
+        f"{exc.provided_version} was refused (someone else committed first?)"
+    )
+
+
+class _RainerGroup(click.Group):
+    """Turns Rainer's errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CommitOrderingError as exc:
+            raise click.ClickException(describe_conflict(exc)) from None
+        except RainerError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+pass_session = click.make_pass_decorator(Session)
+KEY = click.argument("key")
+OPTIONAL_VERSION = click.argument("version", type=click.IntRange(min=1), required=False)
+
+
+@click.group(cls=_RainerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar="RAINER_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="The API root, e.g. http://config.example.com:8080/diary.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the server.",
+)
+@click.pass_context
+def rainer(ctx: click.Context, url: str | None, timeout: float) -> None:
+    """Read and change configuration kept in a Rainer server.
+
+    The author of commits is RAINER_AUTHOR, else your login name.
+    """
+    ctx.obj = Session(url, timeout)
+
+
+@rainer.command("list")
+@click.option("-A", "--all", "show_all", is_flag=True, help="Include uncommitted (empty) keys.")
+@pass_session
+def list_command(session: Session, show_all: bool) -> None:
+    """List keys: KEY<TAB>VERSION<TAB>URL, sorted by key."""
+    listing = session.client.list(all=show_all)
+    for key in sorted(listing):
+        version = listing[key]["version"]
+        click.echo(f"{key}\t{version}\t{session.client.commit_uri(key, version)}")
+
+
+@rainer.command()
+@KEY
+@OPTIONAL_VERSION
+@pass_session
+def show(session: Session, key: str, version: int | None) -> None:
+    """Print the payload of KEY (at VERSION), byte for byte."""
+    commit = session.client.get_commit(key, version)
+    if commit.payload is None:
+        click.echo(f"rainer: {key} version {commit.version} is empty (uncommitted)", err=True)
+        return
+    _echo_bytes(commit.payload)
+    if _isatty(sys.stdout) and commit.payload and not commit.payload.endswith(b"\n"):
+        click.echo()
+
+
+@rainer.command()
+@KEY
+@OPTIONAL_VERSION
+@pass_session
+def prepare(session: Session, key: str, version: int | None) -> None:
+    """Print the next commit of KEY as text to edit and feed to `rainer commit`."""
+    commit = session.client.get_commit(key, version)
+    _echo_bytes(prepare_text(commit.version + 1, session.author(), "", commit.payload))
+
+
+@rainer.command()
+@KEY
+@pass_session
+def commit(session: Session, key: str) -> None:
+    """Post a prepared commit (YAML header, ---, payload) read from stdin to KEY."""
+    header, payload = parse_prepared(click.get_binary_stream("stdin").read())
+    meta = header_meta(key, header, session.author)
+    _echo_meta(session.client.post_commit(meta, None if meta["empty"] else payload))
+
+
+@rainer.command("commit-value")
+@KEY
+@click.argument("version", type=click.IntRange(min=1), required=False)
+@click.option("-m", "--message", required=True, help="The commit comment.")
+@pass_session
+def commit_value(session: Session, key: str, version: int | None, message: str) -> None:
+    """Post stdin as the payload of KEY, as VERSION (default: the next version)."""
+    if _isatty(sys.stdin):
+        click.echo("Reading the payload from standard input; end it with Ctrl-D.", err=True)
+    payload = click.get_binary_stream("stdin").read()
+    number = version if version is not None else session.next_version(key)
+    meta = {"key": key, "version": number, "author": session.author(), "comment": message}
+    _echo_meta(session.client.post_commit(meta, payload))
+
+
+@rainer.command()
+@KEY
+@OPTIONAL_VERSION
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-m", "--message", default="", help="The commit comment.")
+@pass_session
+def uncommit(session: Session, key: str, version: int | None, yes: bool, message: str) -> None:
+    """Post an empty commit (a tombstone) as the version after KEY's newest (or VERSION)."""
+    old = session.client.get_commit(key, version)
+    meta = {
+        "key": key,
+        "version": old.version + 1,
+        "author": session.author(),
+        "comment": message,
+        "empty": True,
+    }
+    if yes:
+        if old.empty:
+            click.echo("No change, not committing.")
+            return
+        _echo_meta(session.client.post_commit(meta, None))
+        return
+    session.confirm_and_post(key, old, meta, None)
+
+
+@rainer.command()
+@KEY
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("-m", "--message", default="", help="Why (added to the comment).")
+@pass_session
+def revert(session: Session, key: str, version: int, message: str) -> None:
+    """Post VERSION's payload as KEY's next version ("Revert to VERSION: MESSAGE")."""
+    target = session.client.get_commit(key, version)
+    head = session.client.get_commit(key)
+    if head.payload == target.payload:
+        click.echo(f"No change, not committing: version {head.version} already has that payload.")
+        return
+    meta = {
+        "key": key,
+        "version": head.version + 1,
+        "author": session.author(),
+        "comment": f"Revert to {version}" + (f": {message}" if message else ""),
+        "empty": target.empty,
+    }
+    _echo_meta(session.client.post_commit(meta, target.payload))
+
+
+@rainer.command()
+@KEY
+@OPTIONAL_VERSION
+@pass_session
+def log(session: Session, key: str, version: int | None) -> None:
+    """Show the history of KEY (from VERSION down), newest first, with diffs.
+
+    Paged with $PAGER (default less) and coloured only on a terminal; NO_COLOR turns colour off.
+    """
+    walk = session.client.iter_history(
+        key, before=None if version is None else version + 1, page_size=LOG_PAGE_SIZE
+    )
+    first = next(walk, None)  # errors (unknown key) before the pager starts
+    if first is None or (version is not None and first.version != version):
+        raise CommitNotFound(key, version)
+    with paged_output() as write:
+        for text in render_log(itertools.chain([first], walk), session.style):
+            write(text)
+
+
+@rainer.command()
+@KEY
+@OPTIONAL_VERSION
+@pass_session
+def edit(session: Session, key: str, version: int | None) -> None:
+    """Edit the next commit of KEY in $VISUAL/$EDITOR, review the diff, then post it.
+
+    A key that does not exist yet starts at version 1. If nothing is posted (you answer no,
+    or someone else committed first), your edited file is kept and its path printed.
+    """
+    client = session.client
+    try:
+        base: Commit | None = client.get_commit(key, version)
+    except CommitNotFound:
+        if version is not None:
+            raise
+        base = None
+    start = base.version if base else 0
+    document = prepare_text(start + 1, session.author(), "", base.payload if base else None)
+    path = _scratch_file(key, document)
+
+    def keep(message: str) -> click.ClickException:
+        click.echo(f"Your work is saved in: {path}")
+        return click.ClickException(f"{message}; your edit is saved in {path}")
+
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        status = subprocess.call([*shlex.split(editor), path])
+    except (OSError, ValueError) as exc:
+        raise keep(f"cannot run editor {editor!r}: {exc}") from None
+    if status != 0:
+        raise keep(f"editor {editor!r} exited with status {status}")
+    with open(path, "rb") as edited:
+        header, payload = parse_prepared_or_keep(edited.read(), keep)
+    try:
+        meta = header_meta(key, header, session.author)
+    except click.ClickException as exc:
+        raise keep(exc.message) from None
+    try:
+        outcome = session.confirm_and_post(key, base, meta, payload)
+    except CommitOrderingError as exc:
+        _explain_conflict(session, key, base, exc, path)
+        raise keep(describe_conflict(exc)) from None
+    except RainerError as exc:
+        raise keep(str(exc)) from None
+    except click.ClickException as exc:
+        raise keep(exc.message) from None
+    except (KeyboardInterrupt, click.Abort):
+        click.echo(f"\nYour work is saved in: {path}")
+        raise click.Abort() from None
+    if outcome == "declined":
+        click.echo(f"Your work is saved in: {path}")
+    else:
+        os.unlink(path)
+
+
+def parse_prepared_or_keep(
+    data: bytes, keep: Callable[[str], click.ClickException]
+) -> tuple[dict[str, Any], bytes]:
+    try:
+        return parse_prepared(data)
+    except click.ClickException as exc:
+        raise keep(exc.message) from None
+
+
+def _scratch_file(key: str, document: bytes) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:50]
+    fd, path = tempfile.mkstemp(prefix=f"rainer-{safe}-", suffix=".yaml")
+    with os.fdopen(fd, "wb") as scratch:
+        scratch.write(document)
+    return path
+
+
+def _explain_conflict(
+    session: Session, key: str, base: Commit | None, exc: CommitOrderingError, path: str
+) -> None:
+    """Tell the user who committed first and show their change."""
+    try:
+        theirs: Commit | None = session.client.get_commit(key)
+    except RainerError:
+        theirs = None
+    started = base.version if base else 0
+    if theirs is None or theirs.version <= started:
+        click.echo(f"Could not commit: {describe_conflict(exc)}.")
+        return
+    click.echo(
+        f"Someone else committed {key} first: version {theirs.version} by {theirs.author} "
+        f"({format_mtime(theirs.mtime)}); you started from version {started}."
+    )
+    if theirs.comment:
+        click.echo("".join(f"  {line}\n" for line in theirs.comment.split("\n")), nl=False)
+    click.echo("Their change:")
+    click.echo(
+        unified_diff(
+            base.payload if base else None,
+            theirs.payload,
+            f"{key} {started}",
+            f"{key} {theirs.version}",
+            session.style,
+        ),
+        nl=False,
+        color=True,
+    )
+    click.echo(
+        f"To commit your version anyway, set 'version: {theirs.version + 1}' in the file and run: "
+        f"rainer commit {shlex.quote(key)} < {shlex.quote(path)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``rainer`` console script."""
+    rainer.main(args=argv, prog_name="rainer")
+
+
+if __name__ == "__main__":
+    main()

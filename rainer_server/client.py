@@ -1,0 +1,512 @@
+"""Talk to a Rainer server over HTTP: ``RainerClient`` and ``HttpCommitStorage``.
+
+``RainerClient`` keeps the published ``pyrainer`` client's method names and shapes, so code
+written against pyrainer works unchanged; errors are the domain errors of
+``rainer_server.errors`` (plus HTTP-specific subclasses), so callers catch one set of types
+whether the storage is local or remote. ``HttpCommitStorage`` is the ``CommitStorage``
+protocol over that client (as the original's JVM ``HttpCommitStorage`` was).
+
+Standard library only (urllib): importing this module imports neither Flask, peewee nor
+kazoo, so services that only read configuration install nothing of the server stack.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from collections.abc import Mapping
+from datetime import datetime
+from email.message import Message
+from typing import Any
+
+from rainer_server.commit import Commit
+from rainer_server.commit import format_mtime
+from rainer_server.commit import parse_version
+from rainer_server.errors import CommitNotFound
+from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import InvalidCommit
+from rainer_server.errors import RainerError
+from rainer_server.errors import StorageUnavailable
+
+__all__ = [
+    "HttpCommitStorage",
+    "RainerBadRequest",
+    "RainerClient",
+    "RainerConnectionError",
+    "RainerHTTPError",
+    "RainerUnavailable",
+    "RemoteCommit",
+]
+
+#: The server's largest history page (``GET /<key>/history?limit=``).
+MAX_HISTORY_PAGE = 1000
+
+# Characters kept as they are in a key's URL path segment (RFC 3986 pchar): keys stay readable
+# in `rainer list`, and everything else ("?", "#", "%", spaces, non-ASCII) is percent-encoded.
+_PATH_SAFE = "!$&'()*+,;=:@"
+# HTTP header values cannot carry CR/LF (http.client would refuse, or a proxy would split
+# them) nor other control characters; tab is allowed.
+_HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+_TRUE_WORDS = frozenset(("yes", "true", "1"))
+_ERROR_BODY_LIMIT = 300
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class RainerHTTPError(RainerError):
+    """The server answered with an error status (other than a 409 conflict or a 404 key).
+
+    :ivar status: the HTTP status code.
+    :ivar message: the server's error message (its JSON ``error``, else the body's start).
+    :ivar url: the URL requested.
+    """
+
+    def __init__(self, status: int, message: str, url: str) -> None:
+        super().__init__(f"HTTP {status} from {url}: {message}")
+        self.status = status
+        self.message = message
+        self.url = url
+
+
+class RainerBadRequest(RainerHTTPError, InvalidCommit):
+    """400/413: the server refused the request as invalid (bad key, payload, header...)."""
+
+
+class RainerUnavailable(RainerHTTPError, StorageUnavailable):
+    """503: the server's storage is unreachable right now; retrying later may work."""
+
+
+class RainerConnectionError(RainerError, ConnectionError):
+    """The server could not be reached, or the connection broke before an answer."""
+
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"Cannot reach Rainer at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------- commits
+
+
+class RemoteCommit(Commit):
+    """A ``Commit`` read over HTTP, with pyrainer's ``value`` name for the payload.
+
+    It compares equal to a plain ``Commit`` with the same fields.
+    """
+
+    @property
+    def value(self) -> bytes | None:
+        """The payload (``None`` for a tombstone), as pyrainer's ``RainerCommit.value``."""
+        return self.payload
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Commit):
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    __hash__ = Commit.__hash__
+
+    def to_commit(self) -> Commit:
+        """The plain ``Commit`` (what storages return)."""
+        return Commit(*_fields(self))
+
+
+def _fields(commit: Commit) -> tuple[Any, ...]:
+    return (commit.key, commit.version, commit.payload, commit.author, commit.comment, commit.mtime)
+
+
+def _remote(meta: Mapping[str, Any], payload: bytes | None) -> RemoteCommit:
+    try:
+        commit = Commit.from_meta(meta, payload)
+    except (InvalidCommit, TypeError, AttributeError) as exc:
+        raise RainerHTTPError(
+            200, f"unexpected commit metadata {dict(meta)!r}: {exc}", ""
+        ) from None
+    return RemoteCommit(*_fields(commit))
+
+
+def _payload_bytes(value: bytes | bytearray | memoryview | str | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"payload must be bytes, str or None, not {type(value).__name__}")
+
+
+def _truthy(value: object) -> bool:
+    # pyrainer callers pass True/False or the strings "True"/"false".
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_WORDS
+    return bool(value)
+
+
+def _header_value(name: str, value: object) -> bytes:
+    """Encode a header value as UTF-8 (the server decodes headers as UTF-8 when valid).
+
+    :raises InvalidCommit: for line breaks or control characters, which no HTTP header can carry.
+    """
+    text = str(value)
+    if _HEADER_FORBIDDEN.search(text):
+        what = "line breaks" if ("\n" in text or "\r" in text) else "control characters"
+        raise InvalidCommit(
+            f"{name} cannot contain {what}: HTTP headers cannot carry them (write it on one line)"
+        )
+    return text.encode("utf-8")
+
+
+# ---------------------------------------------------------------------- the client
+
+
+class RainerClient:
+    """A client of one Rainer server, e.g. ``RainerClient("http://config:8080/diary")``.
+
+    Method names and return shapes are pyrainer's; payloads are ``bytes`` (``str`` is accepted
+    on input and sent as UTF-8).
+
+    :param base_url: the API root, including its prefix (``/diary`` by default).
+    :param timeout: seconds to wait for the connection and for each read.
+    :raises CommitNotFound: (from any read) the key, or that version of it, does not exist.
+    :raises CommitOrderingError: (from ``post_commit``) the version is not the next one.
+    :raises RainerHTTPError: any other error status; ``RainerBadRequest`` for 400/413 and
+        ``RainerUnavailable`` for 503 are also ``InvalidCommit``/``StorageUnavailable``.
+    :raises RainerConnectionError: the server cannot be reached; the message names the URL.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        if not base_url:
+            raise ValueError("base_url is required")
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"RainerClient({self.base_url!r})"
+
+    # ------------------------------------------------------------------ pyrainer's API
+
+    def commit_uri(self, key: str, version: int | None = None) -> str:
+        """The URL of ``key``, or of one version of it."""
+        uri = f"{self.base_url}/{urllib.parse.quote(key, safe=_PATH_SAFE)}"
+        return uri if version is None else f"{uri}/{int(version)}"
+
+    def list(self, all: bool = False) -> dict[str, dict[str, Any]]:
+        """Key -> meta of each key's newest commit; tombstones only with ``all``."""
+        return self._json("GET", self._list_url(all, payloads=False))
+
+    def list_full(self, all: bool = False) -> dict[str, RemoteCommit]:
+        """Key -> newest commit with its payload (one request); tombstones only with ``all``."""
+        listing = self._json("GET", self._list_url(all, payloads=True))
+        return {key: self._commit_from_listing(meta) for key, meta in listing.items()}
+
+    def get_commit(self, key: str, version: int | None = None) -> RemoteCommit:
+        """The newest commit of ``key``, or its commit at ``version``."""
+        url = self.commit_uri(key, version)
+        _, headers, body = self._request("GET", url, key=key, version=version)
+        # Header values are percent-encoded by the server when they are not printable ASCII,
+        # and sent raw otherwise, so a '%' makes them ambiguous: then ask for the exact meta.
+        texts = [
+            headers.get(name) for name in ("X-Rainer-Key", "X-Rainer-Author", "X-Rainer-Comment")
+        ]
+        number = parse_version((headers.get("X-Rainer-Version") or "").strip())
+        if (
+            number is None
+            or any(t is None or "%" in t for t in texts)
+            or not headers.get("X-Rainer-Modified-Time")
+        ):
+            meta = self.get_metadata(key, version)
+            number = meta["version"]
+            if version is None:
+                # The head may have moved between the two requests: read that exact version.
+                body = self._request("GET", self.commit_uri(key, number), key=key, version=number)[
+                    2
+                ]
+        else:
+            meta = {
+                "key": texts[0],
+                "version": number,
+                "author": texts[1],
+                "comment": texts[2],
+                "mtime": headers["X-Rainer-Modified-Time"],
+                "empty": _truthy(headers.get("X-Rainer-Empty", "no")),
+            }
+        return _remote(meta, None if meta.get("empty") else body)
+
+    def get_value(self, key: str, version: int | None = None) -> bytes:
+        """The payload of ``key`` (at ``version``); ``b""`` for a tombstone, as pyrainer."""
+        return self._request("GET", self.commit_uri(key, version), key=key, version=version)[2]
+
+    def get_metadata(self, key: str, version: int | None = None) -> dict[str, Any]:
+        """The meta of ``key`` (at ``version``): key, version, author, comment, mtime, empty."""
+        return self._json("GET", self.commit_uri(key, version) + "/meta", key=key, version=version)
+
+    def post_commit(
+        self, meta: Mapping[str, Any], value: bytes | bytearray | memoryview | str | None
+    ) -> dict[str, Any]:
+        """Save a commit; return the server's meta of it.
+
+        :param meta: ``key``, ``version`` and ``author``; optional ``comment``, ``empty`` and
+            ``mtime`` (ISO-8601 text or an aware ``datetime``; the server's clock otherwise).
+        :param value: the payload; ``None`` (or ``meta["empty"]``) makes a tombstone.
+        :raises CommitOrderingError: unless ``meta["version"]`` is the key's next version.
+        :raises InvalidCommit: when author or comment holds a line break (HTTP headers
+            cannot carry one) or the server refuses the commit (``RainerBadRequest``).
+        """
+        key = meta["key"]
+        version = int(meta["version"])
+        payload = _payload_bytes(value)
+        empty = _truthy(meta.get("empty", False)) or payload is None
+        headers: dict[str, Any] = {
+            "Content-Type": "application/octet-stream",
+            "X-Rainer-Empty": "true" if empty else "false",
+        }
+        if meta.get("author") is not None:
+            headers["X-Rainer-Author"] = _header_value("Author", meta["author"])
+        headers["X-Rainer-Comment"] = _header_value("Comment", meta.get("comment") or "")
+        mtime = meta.get("mtime")
+        if isinstance(mtime, datetime):
+            headers["X-Rainer-Modified-Time"] = format_mtime(mtime)
+        elif mtime:
+            headers["X-Rainer-Modified-Time"] = _header_value("Modified time", mtime)
+        body = b"" if empty else payload or b""
+        return self._json(
+            "POST",
+            self.commit_uri(key, version),
+            data=body,
+            headers=headers,
+            key=key,
+            version=version,
+        )
+
+    # ------------------------------------------------------------------ history
+
+    def history(
+        self, key: str, limit: int | None = None, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Metas of ``key``, newest first, tombstones included: one page, one request.
+
+        :param limit: at most this many (server default 100, at most 1000).
+        :param before: only versions below this one (to fetch the next page).
+        """
+        return self._json("GET", self._history_url(key, limit, before, payloads=False), key=key)
+
+    def history_full(
+        self, key: str, limit: int | None = None, before: int | None = None
+    ) -> list[RemoteCommit]:
+        """Commits of ``key`` with payloads, newest first: one page, as ``history``.
+
+        A server without payloads in its history pages gets one extra request per commit.
+        """
+        metas = self._json("GET", self._history_url(key, limit, before, payloads=True), key=key)
+        commits = []
+        for meta in metas:
+            if not meta.get("empty") and "payload_base64" not in meta:
+                commits.append(self.get_commit(key, meta["version"]))
+            else:
+                commits.append(self._commit_from_listing(meta))
+        return commits
+
+    def iter_history(
+        self, key: str, before: int | None = None, page_size: int = 100
+    ) -> Iterator[RemoteCommit]:
+        """Every commit of ``key`` below ``before``, newest first, fetched a page at a time.
+
+        :raises CommitNotFound: when ``key`` has no commits at all.
+        """
+        while before is None or before > 1:
+            page = self.history_full(key, limit=page_size, before=before)
+            yield from page
+            if len(page) < page_size:
+                return
+            before = page[-1].version
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _list_url(self, all: bool, payloads: bool) -> str:
+        query = {}
+        if payloads:
+            query["payload_base64"] = "yes"
+        if all:
+            query["all"] = "yes"
+        return self.base_url + ("?" + urllib.parse.urlencode(query) if query else "")
+
+    def _history_url(self, key: str, limit: int | None, before: int | None, payloads: bool) -> str:
+        query: dict[str, Any] = {}
+        if limit is not None:
+            query["limit"] = int(limit)
+        if before is not None:
+            query["before"] = int(before)
+        if payloads:
+            query["payload_base64"] = "yes"
+        url = self.commit_uri(key) + "/history"
+        return url + ("?" + urllib.parse.urlencode(query) if query else "")
+
+    def _commit_from_listing(self, meta: Mapping[str, Any]) -> RemoteCommit:
+        encoded = meta.get("payload_base64")
+        try:
+            payload = base64.b64decode(encoded, validate=True) if encoded is not None else None
+        except (binascii.Error, TypeError) as exc:
+            raise RainerHTTPError(
+                200, f"bad payload_base64 for {meta.get('key')!r}: {exc}", self.base_url
+            ) from None
+        return _remote({k: v for k, v in meta.items() if not k.startswith("payload_")}, payload)
+
+    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
+        _, headers, body = self._request(method, url, **kwargs)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise RainerHTTPError(
+                200,
+                f"expected JSON, got {headers.get('Content-Type') or 'no content type'}: "
+                f"{_snippet(body)} (is the URL the API root, e.g. .../diary?)",
+                url,
+            ) from None
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        version: int | None = None,
+    ) -> tuple[int, Message, bytes]:
+        request = urllib.request.Request(url, data=data, headers=dict(headers or {}), method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                body = exc.read()
+            except (OSError, http.client.HTTPException):
+                body = b""
+            finally:
+                exc.close()
+            raise self._http_error(exc.code, body, url, key, version) from None
+        except urllib.error.URLError as exc:
+            raise RainerConnectionError(url, exc.reason) from None
+        except TimeoutError:
+            raise RainerConnectionError(url, f"no answer within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            # Connection reset, server closed the connection mid-answer, ...
+            raise RainerConnectionError(url, exc or type(exc).__name__) from None
+
+    @staticmethod
+    def _http_error(
+        status: int, body: bytes, url: str, key: str | None, version: int | None
+    ) -> RainerError:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if status == 409 and isinstance(answer, dict) and isinstance(answer.get("conflict"), dict):
+            conflict = answer["conflict"]
+            try:
+                return CommitOrderingError(
+                    conflict.get("key", key),
+                    int(conflict["expectedVersion"]),
+                    int(conflict["providedVersion"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                pass
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            message = answer["error"]
+        else:
+            message = _snippet(body) or http.client.responses.get(status, "")
+        # A 404 from a wrong base URL (routing) is not a missing key: say what the server said.
+        if status == 404:
+            if key is not None and "Key not found" in message:
+                return CommitNotFound(key, version)
+            message += " (is the base URL the API root, e.g. http://host:8080/diary?)"
+        if status in (400, 413):
+            return RainerBadRequest(status, message, url)
+        if status == 503:
+            return RainerUnavailable(status, message, url)
+        return RainerHTTPError(status, message, url)
+
+
+def _snippet(body: bytes) -> str:
+    text = " ".join(body[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").split())
+    return text + " ..." if len(body) > _ERROR_BODY_LIMIT else text
+
+
+# ---------------------------------------------------------------------- the storage
+
+
+class HttpCommitStorage:
+    """The ``CommitStorage`` protocol over a Rainer server's HTTP API.
+
+    Reads and writes go to the server, which keeps the ordering rules: a lost race is a
+    ``CommitOrderingError`` here as with a local storage.
+
+    :param base_url: the API root, e.g. ``http://config:8080/diary``.
+    :param timeout: seconds per request.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.client = RainerClient(base_url, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"HttpCommitStorage({self.client.base_url!r})"
+
+    def start(self) -> None:
+        """Nothing to prepare: the server owns its storage."""
+
+    def stop(self) -> None:
+        """Nothing to release: every request has its own connection."""
+
+    def heads(self) -> dict[str, Commit]:
+        return {k: c.to_commit() for k, c in self.client.list_full(all=True).items()}
+
+    def heads_non_empty(self) -> dict[str, Commit]:
+        return {k: c.to_commit() for k, c in self.client.list_full(all=False).items()}
+
+    def heads_token(self) -> int:
+        """The sum of head versions (it grows by one per commit).
+
+        Read from the listing's ``ETag`` with a ``HEAD`` request when the server sends a
+        numeric one (ours does), else computed from the heads.
+        """
+        _, headers, _ = self.client._request("HEAD", self.client._list_url(True, False))
+        version = parse_version((headers.get("ETag") or "").strip().strip('"'))
+        if version is not None:
+            return version
+        return sum(c.version for c in self.heads().values())
+
+    def get(self, key: str, version: int | None = None) -> Commit | None:
+        if version is not None and version < 1:
+            return None
+        try:
+            return self.client.get_commit(key, version).to_commit()
+        except CommitNotFound:
+            return None
+
+    def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
+        commits: list[Commit] = []
+        if limit < 1:
+            return commits
+        try:
+            for commit in self.client.iter_history(
+                key, before=before, page_size=max(1, min(limit, MAX_HISTORY_PAGE))
+            ):
+                commits.append(commit.to_commit())
+                if len(commits) >= limit:
+                    break
+        except CommitNotFound:
+            return []
+        return commits
+
+    def save(self, commit: Commit) -> None:
+        self.client.post_commit(commit.meta, commit.payload)
