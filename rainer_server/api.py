@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
+from urllib.parse import unquote
 
 from flask import Blueprint
 from flask import Flask
@@ -82,34 +83,58 @@ def _version(text: str) -> int:
     return version
 
 
+HEADER_ENCODING = "X-Rainer-Header-Encoding"
+# Printable ASCII but '%': what a percent-encoded header value may keep as is.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_TEXT_HEADERS = ("X-Rainer-Key", "X-Rainer-Author", "X-Rainer-Comment")
+
+
 def _request_header(name: str) -> str | None:
-    # WSGI hands headers over as latin-1; clients that send UTF-8 (ours does) get it back intact.
+    """A text header of the request, decoded.
+
+    With ``X-Rainer-Header-Encoding: percent`` (our client sends it when a value is not
+    printable ASCII, e.g. a multi-line comment) the key, author and comment are
+    percent-encoded UTF-8. Without it, raw bytes are read as UTF-8 when valid (WSGI hands
+    them over as latin-1), else as latin-1, which is what pyrainer sends.
+    """
     value = request.headers.get(name)
     if value is None:
         return None
+    if _percent_encoded_request():
+        try:
+            return unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidCommit(f"Malformed header: {name} (not percent-encoded UTF-8)") from None
     try:
         return value.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
         return value
 
 
-def _response_header(value: str) -> str:
-    # Header values must be printable ASCII to survive WSGI and proxies; anything else
-    # (newlines in comments, non-ASCII authors) is percent-encoded UTF-8. /meta is exact.
-    if value.isascii() and value.isprintable():
-        return value
-    return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+def _percent_encoded_request() -> bool:
+    encoding = request.headers.get(HEADER_ENCODING)
+    if encoding is None:
+        return False
+    if encoding.strip().lower() != "percent":
+        raise InvalidCommit(f"Malformed header: {HEADER_ENCODING} (only 'percent' is known)")
+    return True
 
 
 def _commit_headers(commit: Commit) -> dict[str, str]:
-    return {
-        "X-Rainer-Key": _response_header(commit.key),
+    texts = dict(zip(_TEXT_HEADERS, (commit.key, commit.author, commit.comment)))
+    headers = {
         "X-Rainer-Version": str(commit.version),
-        "X-Rainer-Author": _response_header(commit.author),
-        "X-Rainer-Comment": _response_header(commit.comment),
         "X-Rainer-Modified-Time": format_mtime(commit.mtime),
         "X-Rainer-Empty": "Yes" if commit.empty else "No",
     }
+    if all(text.isascii() and text.isprintable() for text in texts.values()):
+        headers.update(texts)
+    else:
+        # Header values must be printable ASCII to survive WSGI and proxies. The marker makes
+        # the encoding unambiguous: without it, a '%' in a value is just a '%'.
+        headers.update({name: quote(text, safe=_HEADER_SAFE) for name, text in texts.items()})
+        headers[HEADER_ENCODING] = "percent"
+    return headers
 
 
 def _found(key: str, version: int | None = None) -> Commit:

@@ -16,7 +16,6 @@ import base64
 import binascii
 import http.client
 import json
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,7 +52,9 @@ MAX_HISTORY_PAGE = 1000
 _PATH_SAFE = "!$&'()*+,;=:@"
 # HTTP header values cannot carry CR/LF (http.client would refuse, or a proxy would split
 # them) nor other control characters; tab is allowed.
-_HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+HEADER_ENCODING = "X-Rainer-Header-Encoding"
+# Printable ASCII but '%': what a percent-encoded header value may keep as is.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TRUE_WORDS = frozenset(("yes", "true", "1"))
 _ERROR_BODY_LIMIT = 300
 
@@ -150,18 +151,17 @@ def _truthy(value: object) -> bool:
     return bool(value)
 
 
-def _header_value(name: str, value: object) -> bytes:
-    """Encode a header value as UTF-8 (the server decodes headers as UTF-8 when valid).
+def _text_headers(values: Mapping[str, str]) -> dict[str, str]:
+    """Header values for text fields, percent-encoded (with the marker) when any needs it.
 
-    :raises InvalidCommit: for line breaks or control characters, which no HTTP header can carry.
+    HTTP headers carry printable ASCII only; a comment may hold line breaks and any Unicode.
+    The server decodes the fields when ``X-Rainer-Header-Encoding: percent`` is present.
     """
-    text = str(value)
-    if _HEADER_FORBIDDEN.search(text):
-        what = "line breaks" if ("\n" in text or "\r" in text) else "control characters"
-        raise InvalidCommit(
-            f"{name} cannot contain {what}: HTTP headers cannot carry them (write it on one line)"
-        )
-    return text.encode("utf-8")
+    if all(text.isascii() and text.isprintable() for text in values.values()):
+        return dict(values)
+    encoded = {name: urllib.parse.quote(text, safe=_HEADER_SAFE) for name, text in values.items()}
+    encoded[HEADER_ENCODING] = "percent"
+    return encoded
 
 
 # ---------------------------------------------------------------------- the client
@@ -214,15 +214,15 @@ class RainerClient:
         """The newest commit of ``key``, or its commit at ``version``."""
         url = self.commit_uri(key, version)
         _, headers, body = self._request("GET", url, key=key, version=version)
-        # Header values are percent-encoded by the server when they are not printable ASCII,
-        # and sent raw otherwise, so a '%' makes them ambiguous: then ask for the exact meta.
         texts = [
             headers.get(name) for name in ("X-Rainer-Key", "X-Rainer-Author", "X-Rainer-Comment")
         ]
+        if (headers.get(HEADER_ENCODING) or "").strip().lower() == "percent":
+            texts = [None if t is None else urllib.parse.unquote(t) for t in texts]
         number = parse_version((headers.get("X-Rainer-Version") or "").strip())
         if (
             number is None
-            or any(t is None or "%" in t for t in texts)
+            or any(t is None for t in texts)
             or not headers.get("X-Rainer-Modified-Time")
         ):
             meta = self.get_metadata(key, version)
@@ -260,8 +260,7 @@ class RainerClient:
             ``mtime`` (ISO-8601 text or an aware ``datetime``; the server's clock otherwise).
         :param value: the payload; ``None`` (or ``meta["empty"]``) makes a tombstone.
         :raises CommitOrderingError: unless ``meta["version"]`` is the key's next version.
-        :raises InvalidCommit: when author or comment holds a line break (HTTP headers
-            cannot carry one) or the server refuses the commit (``RainerBadRequest``).
+        :raises InvalidCommit: when the server refuses the commit (``RainerBadRequest``).
         """
         key = meta["key"]
         version = int(meta["version"])
@@ -271,14 +270,15 @@ class RainerClient:
             "Content-Type": "application/octet-stream",
             "X-Rainer-Empty": "true" if empty else "false",
         }
+        texts = {"X-Rainer-Comment": str(meta.get("comment") or "")}
         if meta.get("author") is not None:
-            headers["X-Rainer-Author"] = _header_value("Author", meta["author"])
-        headers["X-Rainer-Comment"] = _header_value("Comment", meta.get("comment") or "")
+            texts["X-Rainer-Author"] = str(meta["author"])
+        headers.update(_text_headers(texts))
         mtime = meta.get("mtime")
         if isinstance(mtime, datetime):
             headers["X-Rainer-Modified-Time"] = format_mtime(mtime)
         elif mtime:
-            headers["X-Rainer-Modified-Time"] = _header_value("Modified time", mtime)
+            headers["X-Rainer-Modified-Time"] = str(mtime)
         body = b"" if empty else payload or b""
         return self._json(
             "POST",

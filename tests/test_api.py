@@ -195,6 +195,36 @@ def test_unicode_author_and_multiline_comment_survive(client):
     assert meta["author"] == "Zoë" and meta["comment"] == "café"
     got = client.get("/diary/k")
     assert got.headers["X-Rainer-Author"] == "Zo%C3%AB"
+    assert got.headers["X-Rainer-Comment"] == "caf%C3%A9"
+    assert got.headers["X-Rainer-Header-Encoding"] == "percent"
+
+
+def test_percent_encoded_request_headers(client):
+    headers = {
+        "X-Rainer-Header-Encoding": "percent",
+        "X-Rainer-Author": "Zo%C3%AB",
+        "X-Rainer-Comment": "two%0Alines, 100%25",
+        "X-Rainer-Key": "k%20x",
+    }
+    assert client.post("/diary/k%20x/1", data=b"{}", headers=headers).status_code == 200
+    meta = client.get("/diary/k%20x/meta").get_json()
+    assert meta["author"] == "Zoë" and meta["comment"] == "two\nlines, 100%"
+    plain = client.get("/diary/k%20x")
+    assert plain.headers["X-Rainer-Comment"] == "two%0Alines, 100%25"
+    # Without the marker a '%' is literal, both ways.
+    post(client, "p", 1, X_Rainer_Comment="50% off")
+    r = client.get("/diary/p")
+    assert r.headers["X-Rainer-Comment"] == "50% off" and "X-Rainer-Header-Encoding" not in r.headers
+    assert_error(
+        client.post("/diary/k/1", data=b"{}", headers={**headers, "X-Rainer-Header-Encoding": "base64"}),
+        400,
+        "Malformed header: X-Rainer-Header-Encoding",
+    )
+    assert_error(
+        client.post("/diary/k/1", data=b"{}", headers={**headers, "X-Rainer-Author": "%FF"}),
+        400,
+        "Malformed header: X-Rainer-Author",
+    )
 
 
 # ------------------------------------------------------------------ reads

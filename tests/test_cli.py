@@ -162,10 +162,13 @@ def test_commit_rejects_malformed_documents(server):
     assert_one_line_error(
         rainer(server, "commit", "k", input=b"author: a\n---\n{}"), "needs 'version'"
     )
-    assert_one_line_error(
-        rainer(server, "commit", "k", input=b"version: 1\ncomment: |\n  two\n  lines\n---\n{}"),
-        "Comment cannot contain line breaks",
-    )
+
+
+
+def test_commit_keeps_a_multi_line_comment(server, store):
+    result = rainer(server, "commit", "k", input=b"version: 1\ncomment: |\n  two\n  lines\n---\n{}")
+    assert result.returncode == 0, result
+    assert store.get("k").comment.rstrip("\n") == "two\nlines"
 
 
 def test_commit_value_posts_the_next_version(server, store):
