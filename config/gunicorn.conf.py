@@ -6,6 +6,14 @@ in ``rainer_server.gunicorn_hooks``.
 
 import os
 
+from rainer_server import gunicorn_hooks
+
+# Prometheus multiprocess mode: every worker writes its metrics to files in this directory
+# and /metrics adds them up. It must be set before the (preloaded) app imports
+# prometheus_client; a given PROMETHEUS_MULTIPROC_DIR is emptied, else a fresh temporary one
+# is made (and removed on exit).
+gunicorn_hooks.prepare_metrics_dir()
+
 bind = os.environ.get("RAINER_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("RAINER_WORKERS", "2"))
 worker_class = "sync"
@@ -20,15 +28,30 @@ preload_app = True
 control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
+# The proxy in front (deploy/nginx/rainer.conf) runs on the same host: trust its
+# X-Forwarded-Proto. Behind a proxy elsewhere, set FORWARDED_ALLOW_IPS to its address.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# The default format plus the client address nginx forwards and the time taken (ms).
+access_log_format = (
+    '%(h)s %({x-forwarded-for}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
+)
+
+
+def when_ready(server):
+    gunicorn_hooks.when_ready(server)
 
 
 def post_fork(server, worker):
-    from rainer_server import gunicorn_hooks
-
     gunicorn_hooks.post_fork(server, worker)
 
 
 def worker_exit(server, worker):
-    from rainer_server import gunicorn_hooks
-
     gunicorn_hooks.worker_exit(server, worker)
+
+
+def child_exit(server, worker):
+    gunicorn_hooks.child_exit(server, worker)
+
+
+def on_exit(server):
+    gunicorn_hooks.on_exit(server)

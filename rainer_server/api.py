@@ -31,6 +31,7 @@ from rainer_server.errors import PayloadTooLarge
 from rainer_server.errors import RainerError
 from rainer_server.errors import StorageUnavailable
 from rainer_server.extension import get_rainer
+from rainer_server.metrics import metrics
 from rainer_server.payloads import PayloadRejected
 
 log = logging.getLogger(__name__)
@@ -144,16 +145,17 @@ def _found(key: str, version: int | None = None) -> Commit:
     return commit
 
 
-def _payload_response(commit: Commit) -> Response:
-    payload = commit.payload or b""
+def _payload_headers(commit: Commit) -> list[tuple[str, str]]:
     try:
-        payload.decode("utf-8")
-        mimetype = "text/plain; charset=UTF-8"
+        (commit.payload or b"").decode("utf-8")
+        content_type = "text/plain; charset=UTF-8"
     except UnicodeDecodeError:
-        mimetype = "application/octet-stream"
-    response = Response(payload, 200, headers=_commit_headers(commit))
-    response.headers["Content-Type"] = mimetype
-    return response
+        content_type = "application/octet-stream"
+    return [("Content-Type", content_type), *_commit_headers(commit).items()]
+
+
+def _payload_response(commit: Commit) -> Response:
+    return Response(commit.payload or b"", 200, headers=_payload_headers(commit))
 
 
 def _read_body(limit: int) -> bytes:
@@ -239,10 +241,16 @@ def _head(key: str) -> tuple[Commit, bool]:
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
     commit, cached = _head(_key(key))
-    response = _payload_response(commit)
-    if cached:
-        response.headers.update(CACHED)
-    return response
+    if not cached:
+        return _payload_response(commit)
+    # The hot path of a cluster's config reads: a mirror commit never changes, so its
+    # headers are built once and reused while the mirror holds that same commit object.
+    prepared = get_rainer().prepared_headers
+    entry = prepared.get(commit.key)
+    if entry is None or entry[0] is not commit:
+        entry = (commit, [*_payload_headers(commit), *CACHED.items()])
+        prepared[commit.key] = entry
+    return Response(commit.payload or b"", 200, headers=entry[1])
 
 
 @bp.get("/<key>/meta")
@@ -333,7 +341,15 @@ def post_commit(key: str, version: str) -> Response:
         rainer.payloads.validate(key, body)
     commit = Commit(key, number, None if empty else body, author, comment, mtime)
     rainer.storage.save(commit)
-    log.info("Saved commit %s version %s by %s", key, number, author)
+    metrics().commits_saved.inc()
+    # Who changed what, never the payload itself (it may hold secrets): its size only.
+    log.info(
+        "Saved commit %s version %s by %s (%s)",
+        key,
+        number,
+        author,
+        "empty" if empty else f"{len(body)} bytes",
+    )
     return _json(commit.meta)
 
 
@@ -342,6 +358,7 @@ def post_commit(key: str, version: str) -> Response:
 
 @bp.errorhandler(RainerError)
 def _rainer_error(exc: RainerError) -> Response:
+    _count_refusal(exc)
     if isinstance(exc, CommitOrderingError):
         return _json(
             {
@@ -367,6 +384,16 @@ def _rainer_error(exc: RainerError) -> Response:
         return response
     log.error("Unexpected Rainer error: %s", exc)
     return _error(500, "Internal server error")
+
+
+def _count_refusal(exc: RainerError) -> None:
+    if isinstance(exc, CommitOrderingError):
+        metrics().conflicts.inc()
+    elif isinstance(exc, PayloadTooLarge):
+        metrics().payloads_rejected.labels("too_large").inc()
+    elif isinstance(exc, PayloadRejected):
+        reason = "schema" if exc.messages is not None else "malformed"
+        metrics().payloads_rejected.labels(reason).inc()
 
 
 @bp.errorhandler(ValidationError)

@@ -45,6 +45,8 @@ class Rainer:
         self.payloads = PayloadValidator()
         # Serialised lists by query flags: (heads token or mirror view, body).
         self.list_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        # Mirror-backed payload GETs: key -> (commit, its response headers).
+        self.prepared_headers: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
         self.zk_client: KazooClient | None = None
         self.rainers: Rainers | None = None
         self.mirror: CommitMirror | None = None
@@ -54,6 +56,7 @@ class Rainer:
     def init_app(self, app: Flask) -> None:
         from rainer_server import admin
         from rainer_server import api
+        from rainer_server import health
 
         self.settings = load_settings(
             {key.lower(): value for key, value in app.config.get_namespace("RAINER_").items()}
@@ -61,6 +64,8 @@ class Rainer:
         self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)
+        # /healthz, /readyz, /metrics: on the app, outside the API prefix.
+        app.register_blueprint(health.bp)
         app.cli.add_command(admin.rainer_cli)
 
     # ------------------------------------------------------------------ storage
@@ -137,6 +142,10 @@ class Rainer:
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
             )
+            from rainer_server.metrics import metrics
+
+            # Before the publisher starts, so that no leadership change is missed.
+            metrics().zookeeper.watch(client, mirror, rainers.auto_publisher)
             rainers.auto_publisher.start()
             self.zk_client, self.mirror, self.rainers = client, mirror, rainers
             log.info("Rainer connected to ZooKeeper at %s%s", settings.zk_hosts, settings.zk_path)

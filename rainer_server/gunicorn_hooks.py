@@ -2,13 +2,27 @@
 
 Each worker gets its own ZooKeeper client, mirror and election contender, started after the
 fork (threads and sockets do not survive ``fork``). Every worker contends; one publishes.
+
+The master prepares the Prometheus multiprocess directory before the app is loaded and drops
+a dead worker's live gauges; each worker routes the ``rainer_server`` log to gunicorn's error
+log, so the service writes one log in one format.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+from collections.abc import MutableMapping
 from typing import Any
 
+from rainer_server import metrics
 from rainer_server.extension import Rainer
+
+# "<master pid>:<directory it created, or nothing>": which master prepared the directory.
+_METRICS_MARK = "RAINER_PROMETHEUS_MASTER"
+#: Loggers routed to gunicorn's error log, with the least severe level each one passes on.
+ROUTED_LOGGERS = {"rainer_server": logging.DEBUG, "kazoo": logging.WARNING}
 
 
 def _rainer(worker: Any) -> Rainer | None:
@@ -17,8 +31,82 @@ def _rainer(worker: Any) -> Rainer | None:
     return extensions.get("rainer")
 
 
+# ---------------------------------------------------------------------- metrics directory
+
+
+def prepare_metrics_dir(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at an empty directory, once per master.
+
+    Call it from the config file, i.e. before the (preloaded) app imports prometheus_client,
+    which reads the variable once. A directory given in the environment is emptied; else a
+    fresh one is made under the temporary directory and removed again by ``on_exit``. A
+    reload (SIGHUP) of the same master keeps it; a re-executed master (SIGUSR2) gets its own.
+    """
+    owner, _, created = environ.get(_METRICS_MARK, "").partition(":")
+    pid = str(os.getpid())
+    path = environ.get(metrics.MULTIPROC_ENV) or environ.get(metrics.MULTIPROC_ENV.lower())
+    if owner == pid and path:
+        return path
+    if path and path == created:
+        path = None  # our parent master's own directory: its workers still write there
+    given = bool(path)
+    path = metrics.prepare_multiprocess_dir(path)
+    environ[metrics.MULTIPROC_ENV] = path
+    environ[_METRICS_MARK] = f"{pid}:{'' if given else path}"
+    return path
+
+
+def remove_metrics_dir(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Remove the directory ``prepare_metrics_dir`` made, if this master made one."""
+    owner, _, created = environ.get(_METRICS_MARK, "").partition(":")
+    if owner == str(os.getpid()) and created:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- logging
+
+
+class GunicornErrorLogHandler(logging.Handler):
+    """Hands records to gunicorn's error logger, so they share its handlers and format.
+
+    Forwarding (rather than copying the handlers) survives gunicorn replacing its handlers
+    on a reload, and ``USR1`` log reopening.
+    """
+
+    def __init__(self, error_log: logging.Logger) -> None:
+        super().__init__()
+        self.error_log = error_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.error_log.handle(record)
+
+
+def route_logging(server: Any) -> None:
+    """Send the ``rainer_server`` (and kazoo's warnings) log to gunicorn's error log,
+    at gunicorn's ``loglevel``. Idempotent."""
+    error_log = server.log.error_log
+    for name, least in ROUTED_LOGGERS.items():
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, GunicornErrorLogHandler)]:
+            logger.removeHandler(handler)
+        logger.addHandler(GunicornErrorLogHandler(error_log))
+        logger.setLevel(max(error_log.getEffectiveLevel(), least))
+        # Not to the root logger as well: that would print each line twice if it has handlers.
+        logger.propagate = False
+
+
+# ---------------------------------------------------------------------- hooks
+
+
+def when_ready(server: Any) -> None:
+    """In the master: route its log too (workers inherit the setting and renew it)."""
+    route_logging(server)
+
+
 def post_fork(server: Any, worker: Any) -> None:
-    """Connect this worker to ZooKeeper (when configured) and join the publisher election."""
+    """Route logging; connect this worker to ZooKeeper (when configured) and join the
+    publisher election."""
+    route_logging(server)
     rainer = _rainer(worker)
     if rainer is not None and rainer.settings.zk_hosts:
         rainer.start_zookeeper()
@@ -30,3 +118,16 @@ def worker_exit(server: Any, worker: Any) -> None:
     rainer = _rainer(worker)
     if rainer is not None:
         rainer.close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, for every worker that ended (even by SIGKILL): drop its live gauges,
+    so ``/metrics`` stops showing it as connected or leading."""
+    try:
+        metrics.mark_process_dead(worker.pid)
+    except OSError as exc:
+        server.log.warning("Cannot drop the metrics of worker %s: %s", worker.pid, exc)
+
+
+def on_exit(server: Any) -> None:
+    remove_metrics_dir()

@@ -151,6 +151,10 @@ class AutoPublisher:
         self.last_counts: PublishCounts | None = None
         #: ``clock()`` at the end of the last pass.
         self.last_pass: float | None = None
+        #: Called with each pass's ``PublishCounts`` when it ends, on the publishing thread.
+        self.pass_listeners: list[Callable[[PublishCounts], object]] = []
+        #: Called with ``True`` when this publisher starts leading and ``False`` when it stops.
+        self.leader_listeners: list[Callable[[bool], object]] = []
 
     def __repr__(self) -> str:
         return f"AutoPublisher({self.election_path!r}, {self.identifier!r}, leader={self._leading})"
@@ -237,6 +241,7 @@ class AutoPublisher:
                 self.passes += 1
                 self.last_counts = counts
                 self.last_pass = self._clock()
+        self._notify(self.pass_listeners, counts)
         level = (
             logging.INFO
             if counts.written or counts.refused or counts.failed or counts.aborted
@@ -387,6 +392,7 @@ class AutoPublisher:
             self.identifier,
         )
         self._leading = True
+        self._notify(self.leader_listeners, True)
         try:
             first = not self.delay
             while True:
@@ -404,7 +410,17 @@ class AutoPublisher:
                     log.exception("Failed to publish commits!")
         finally:
             self._leading = False
+            self._notify(self.leader_listeners, False)
             log.info("Stopped automatic commit publishing (%s)", self.identifier)
+
+    @staticmethod
+    def _notify(listeners: list[Callable[[Any], object]], value: Any) -> None:
+        # Listeners observe (metrics); one that fails must not stop publishing.
+        for listener in list(listeners):
+            try:
+                listener(value)
+            except Exception:
+                log.exception("Auto-publisher listener %r failed", listener)
 
     def _may_lead(self, term: int) -> bool:
         # Read without the lock: plain attribute reads, and a stale answer only delays the stop

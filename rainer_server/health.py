@@ -1,0 +1,113 @@
+"""Operational endpoints: ``/healthz``, ``/readyz`` and ``/metrics``, and request metrics.
+
+Registered on the app itself, never under ``RAINER_URL_PREFIX``, so they cannot collide with
+keys (with an empty prefix, werkzeug still prefers these static rules over ``/<key>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint
+from flask import Response
+from flask import g
+from flask import request
+
+from rainer_server.errors import RainerError
+from rainer_server.extension import get_rainer
+from rainer_server.metrics import exposition
+from rainer_server.metrics import metrics
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("rainer_health", __name__)
+
+# '/' is never part of a key, so this primary-key lookup finds nothing: the cheapest query
+# that goes through the storage's own connection handling, timeouts and reconnects.
+READY_PROBE_KEY = "readyz/probe"
+NO_STORE = {"Cache-Control": "no-store"}
+_UNMATCHED = "<unmatched>"
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status, mimetype="application/json", headers=NO_STORE)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is alive and answering; says nothing about its dependencies."""
+    return _json({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Whether this worker can serve: database reachable, and when ZooKeeper is configured,
+    connected with this worker's mirror complete. 503 with the failing checks otherwise."""
+    rainer = get_rainer()
+    checks: dict[str, str] = {"database": _check_database(rainer)}
+    if rainer.settings.zk_hosts:
+        rainer.start_zookeeper()  # outside gunicorn nothing else may have started it yet
+        client, mirror = rainer.zk_client, rainer.mirror
+        if client is None:
+            checks["zookeeper"] = "not started"
+        elif client.connected:
+            checks["zookeeper"] = "ok"
+        else:
+            checks["zookeeper"] = f"not connected ({client.state})"
+        if mirror is not None and mirror.initialized:
+            checks["mirror"] = "ok"
+        else:
+            checks["mirror"] = "not initialized"
+    ready = all(value == "ok" for value in checks.values())
+    return _json({"status": "ok" if ready else "not ready", "checks": checks}, 200 if ready else 503)
+
+
+def _check_database(rainer: Any) -> str:
+    try:
+        rainer.database_storage.get(READY_PROBE_KEY)
+    except RainerError as exc:  # StorageUnavailable: already logged by the storage
+        return f"unavailable: {exc}"
+    except Exception as exc:
+        log.warning("Readiness check of the database failed: %r", exc)
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    body, content_type = exposition(request.headers.get("Accept"))
+    return Response(body, 200, content_type=content_type, headers=NO_STORE)
+
+
+# ---------------------------------------------------------------------- request metrics
+
+_metrics_failed = False
+
+
+@bp.before_app_request
+def _start_timer() -> None:
+    g.rainer_request_started = time.perf_counter()
+
+
+@bp.after_app_request
+def _observe_request(response: Response) -> Response:
+    global _metrics_failed
+    started = g.pop("rainer_request_started", None)
+    if started is None:
+        return response
+    # The URL rule, never the raw path: one series per route, whatever the keys.
+    rule = request.url_rule
+    route = rule.rule if rule is not None else _UNMATCHED
+    try:
+        metrics().observe_request(
+            request.method, route, response.status_code, time.perf_counter() - started
+        )
+    except Exception:
+        # Metrics must never fail a request (e.g. the multiprocess directory was removed).
+        if not _metrics_failed:
+            _metrics_failed = True
+            log.exception("Cannot record request metrics; further failures are not logged")
+    return response

@@ -1,0 +1,831 @@
+#!/usr/bin/env python3
+"""ZooKeeper benchmark (issue 3): commit propagation, mirror-backed reads, publisher passes.
+
+    python3 tests/bench/bench_keeper.py [--duration 8] [--json PATH] [--prototypes]
+
+One run, against floors measured in the same run:
+
+0. starts its own standalone ZooKeeper (tests.zkserver, in a temp dir), drops and creates the
+   MySQL database ``rainer_bench_keeper`` and seeds 10k keys (``key-00000`` ..., one ~200-byte
+   JSON version each, the payloads of floors.py) through ``DbCommitStorage``'s own model;
+1. publisher (``AutoPublisher.publish_all()`` built by ``CommitKeeper(...).auto_publisher(
+   storage, mirror=...)`` with a mirror on the same kazoo client, as gunicorn workers do):
+   (a) one pass into an empty ZooKeeper (10k creates), (b) a second, unchanged pass (target:
+   no writes, well under a second). Floor for (a): bare kazoo ``create`` of 10k znodes, one
+   after the other, no watchers. Extra rows: ``keeper.save`` x 10k with no mirror anywhere,
+   10k pipelined creates, the mirror's catch-up after (a) and how often it re-listed
+   ``data/`` during (a), ``storage.heads()``, ``keeper.heads()``;
+2. starts gunicorn three times with the same config file and worker count
+   (``-c config/gunicorn.conf.py --workers 2``): Rainer with ZooKeeper configured (base path
+   of step 1, so every worker mirrors the 10k keys), floors.py's ``flask_dict`` and
+   ``bare_wsgi``;
+3. latency, 1000 samples each, interleaved in blocks of 100, each sample waiting for the
+   previous one to arrive: a separate observer process (keeper_observer.py) timestamps
+   arrivals (CLOCK_MONOTONIC, shared by all processes):
+   - floor: bare kazoo ``set`` in this process -> kazoo ``DataWatch`` firing in the observer;
+   - ``POST /diary/bench-post/<v>`` to Rainer's gunicorn -> a mirror in another process
+     (``CommitKeeper(make_kazoo_client(hosts), path).mirror()`` + ``subscribe``): the same
+     code and the same ZooKeeper round trips as the other gunicorn worker's mirror. Measured
+     from just before sending (the main figure) and from the 200 arriving;
+   - ``keeper.save(commit)`` in this process -> the observer's mirror (the keeper alone);
+   afterwards every gunicorn worker must serve the last version from its mirror;
+4. ``GET /diary/key-NNNNN`` (random keys) with wrk against the three gunicorns, in alternating
+   rounds (``--rounds``, ``--duration`` split over them, after ``--warmup``); a sample of
+   Rainer's answers must carry ``X-Rainer-Cached: Yes`` and the seeded payload, before and
+   after. Target: Rainer >= 0.9 x flask_dict (median of per-round ratios). Also reported:
+   the workers' CPU per request (less sensitive to a busy machine than req/s);
+5. ``--prototypes`` adds measurements of proposed fixes (keeper_variants.py): pass (a) with a
+   debounced children watch, and two cheaper cached-GET apps in the GET rounds;
+6. prints one table; ``--json PATH`` also writes it. Stops everything it started (also on
+   errors, Ctrl-C, SIGTERM) and drops the database.
+
+Exit status: 0 all targets met, 1 a target missed, 2 the benchmark itself is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from keeper_support import Children  # noqa: E402  (after the path set-up)
+from keeper_support import CpuWatch  # noqa: E402
+from keeper_support import Gunicorn  # noqa: E402
+from keeper_support import Observer  # noqa: E402
+from keeper_support import http_request  # noqa: E402
+from keeper_support import mysql_execute  # noqa: E402
+from keeper_support import now_ns  # noqa: E402
+from keeper_support import run_wrk  # noqa: E402
+from keeper_support import tree_cpu  # noqa: E402
+
+try:  # bench_core's floor apps, reused read-only
+    import floors as floor_apps
+
+    for _name in ("bare_wsgi", "flask_dict", "key_name", "make_payload", "BASE_MTIME"):
+        getattr(floor_apps, _name)
+    FLOOR_MODULE = "floors"
+except Exception:  # missing or reshaped: our own copies
+    import keeper_floors as floor_apps
+
+    FLOOR_MODULE = "keeper_floors"
+
+key_name = floor_apps.key_name
+make_payload = floor_apps.make_payload
+BASE_MTIME = floor_apps.BASE_MTIME
+
+NKEYS = 10_000
+TABLE = "rainer"
+BASE_PATH = "/bench"                 # the keeper's base path, Rainer's RAINER_ZK_PATH
+FLOOR_ZNODE = "/bench-floor/node"    # bare kazoo set -> DataWatch
+POST_KEY = "bench-post"
+SAVE_KEY = "bench-save"
+AUTHOR = {"X-Rainer-Author": "bench", "Content-Type": "application/json"}
+
+
+def log(message: str) -> None:
+    print(f"# {message}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# ====================================================================== setup
+
+
+def seed(db_url: str) -> float:
+    """10k keys x 1 version through DbCommitStorage's own model (bulk), checked on a sample."""
+    from rainer_server import DbCommitStorage
+    from rainer_server import open_database
+
+    started = time.perf_counter()
+    database = open_database(db_url)
+    try:
+        storage = DbCommitStorage(database, TABLE)
+        storage.start()
+        row = storage._row
+        columns = [row.key, row.version, row.author, row.comment, row.mtime, row.is_empty,
+                   row.is_head, row.payload]
+        with database.atomic():
+            batch = []
+            for i in range(NKEYS):
+                c = seed_commit(i)
+                batch.append((c.key, c.version, c.author, c.comment, c.mtime, c.empty, True,
+                              c.payload))
+                if len(batch) >= 2000:
+                    row.insert_many(batch, fields=columns).execute()
+                    batch.clear()
+            if batch:
+                row.insert_many(batch, fields=columns).execute()
+        rng = random.Random(1)
+        for i in rng.sample(range(NKEYS), 20):
+            if storage.get(key_name(i)) != seed_commit(i):
+                raise RuntimeError(f"seed: {key_name(i)} does not read back equal")
+    finally:
+        database.close()
+    return time.perf_counter() - started
+
+
+def seed_commit(i: int):
+    from rainer_server import Commit
+
+    key = key_name(i)
+    return Commit(key, 1, make_payload(key, 1), "bench", "seed",
+                  BASE_MTIME + timedelta(milliseconds=i))
+
+
+def kazoo_client(hosts: str, clients: list, bare: bool = False):
+    from kazoo.client import KazooClient
+
+    from rainer_server.keeper import make_kazoo_client
+
+    client = KazooClient(hosts=hosts) if bare else make_kazoo_client(hosts)
+    client.start(timeout=15)
+    clients.append(client)
+    return client
+
+
+# ====================================================================== 1. publisher
+
+
+def counted_mirror(mirror, timeout: float = 60.0):
+    """Start ``mirror`` (as ``CommitKeeper.mirror()`` does) counting its children callbacks."""
+    mirror.bench_relists = {"calls": 0, "names": 0}
+    on_children = mirror._on_children
+
+    def counting(children):
+        mirror.bench_relists["calls"] += 1
+        mirror.bench_relists["names"] += len(children)
+        return on_children(children)
+
+    mirror._on_children = counting  # before start(): the children watch binds it then
+    mirror.start()
+    if not mirror.wait_initialized(timeout):
+        mirror.close()
+        raise RuntimeError("mirror not initialized")
+    return mirror
+
+
+def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool,
+                    prototypes: bool) -> dict:
+    from rainer_server import DbCommitStorage
+    from rainer_server import open_database
+    from rainer_server.keeper import CommitKeeper
+    from rainer_server.keeper import CommitMirror
+
+    out: dict = {}
+    commits = [seed_commit(i) for i in range(NKEYS)]
+    client = kazoo_client(hosts, clients)
+
+    # Warm ZooKeeper's JVM (C1 only) up a little, so the first measurement does not pay for it.
+    client.ensure_path("/warm")
+    for i in range(1000):
+        client.create(f"/warm/n{i}", b"x" * 300)
+    for i in range(1000):
+        client.delete(f"/warm/n{i}")
+
+    # Floor: the least a sequential first pass can do, one create per key, nobody watching.
+    client.ensure_path("/bench-raw/data")
+    started = time.perf_counter()
+    for c in commits:
+        client.create(f"/bench-raw/data/{c.key}", c.serialize())
+    out["raw_create_s"] = time.perf_counter() - started
+    log(f"floor: bare kazoo create x {NKEYS} (sequential): {out['raw_create_s']:.2f} s")
+
+    if extras:
+        client.ensure_path("/bench-pipe/data")
+        started = time.perf_counter()
+        pending = [client.create_async(f"/bench-pipe/data/{c.key}", c.serialize())
+                   for c in commits]
+        for result in pending:
+            result.get(timeout=30)
+        out["pipelined_create_s"] = time.perf_counter() - started
+        log(f"extra: bare kazoo create_async x {NKEYS} (pipelined): "
+            f"{out['pipelined_create_s']:.2f} s")
+        nomirror = CommitKeeper(client, "/bench-nomirror")
+        client.ensure_path("/bench-nomirror/data")
+        started = time.perf_counter()
+        for c in commits:
+            nomirror.save(c)
+        out["save_nomirror_s"] = time.perf_counter() - started
+        log(f"extra: keeper.save x {NKEYS}, no mirror anywhere: {out['save_nomirror_s']:.2f} s")
+
+    database = open_database(db_url)
+    storage = DbCommitStorage(database, TABLE)
+    try:
+        storage.start()
+        heads_s = []
+        for _ in range(3):
+            started = time.perf_counter()
+            heads = storage.heads()
+            heads_s.append(time.perf_counter() - started)
+        out["heads_s"] = statistics.median(heads_s)
+        assert len(heads) == NKEYS
+
+        keeper = CommitKeeper(client, BASE_PATH)
+        # Empty; on the publisher's client, as in gunicorn. What keeper.mirror() does, with the
+        # children callback counted (instrumentation only).
+        mirror = counted_mirror(CommitMirror(keeper))
+        try:
+            publisher = keeper.auto_publisher(storage, mirror=mirror)  # not started: no election
+            started = time.perf_counter()
+            counts = publisher.publish_all()
+            out["pass_a_s"] = time.perf_counter() - started
+            out["pass_a"] = counts.as_dict()
+            out["pass_a_relists"] = dict(mirror.bench_relists)
+            log(f"publisher pass (a), empty ZooKeeper: {out['pass_a_s']:.2f} s, {counts}")
+            # The mirror must have seen every create before an unchanged pass can skip them all.
+            started = time.perf_counter()
+            deadline = time.monotonic() + 120
+            while len(mirror.current) < NKEYS and time.monotonic() < deadline:
+                time.sleep(0.005)
+            out["catch_up_s"] = time.perf_counter() - started
+            out["mirror_after_a"] = len(mirror.current)
+            started = time.perf_counter()
+            counts = publisher.publish_all()
+            out["pass_b_s"] = time.perf_counter() - started
+            out["pass_b"] = counts.as_dict()
+            log(f"publisher pass (b), unchanged: {out['pass_b_s'] * 1000:.0f} ms, {counts} "
+                f"(storage.heads() alone {out['heads_s'] * 1000:.0f} ms)")
+        finally:
+            mirror.close()
+        started = time.perf_counter()
+        heads_zk = keeper.heads()
+        out["keeper_heads_s"] = time.perf_counter() - started
+        log(f"keeper.heads() (pipelined reads) of {len(heads_zk)} znodes: "
+            f"{out['keeper_heads_s']:.2f} s")
+        if prototypes:
+            from keeper_variants import DebouncedMirror
+
+            proto_keeper = CommitKeeper(client, "/bench-proto")
+            proto_mirror = counted_mirror(DebouncedMirror(proto_keeper))
+            try:
+                publisher = proto_keeper.auto_publisher(storage, mirror=proto_mirror)
+                started = time.perf_counter()
+                counts = publisher.publish_all()
+                out["proto_pass_a_s"] = time.perf_counter() - started
+                out["proto_pass_a"] = counts.as_dict()
+                out["proto_relists"] = dict(proto_mirror.bench_relists)
+                log(f"prototype: pass (a) with a debounced children watch: "
+                    f"{out['proto_pass_a_s']:.2f} s, {counts.created} created, "
+                    f"{out['proto_relists']}")
+                deadline = time.monotonic() + 60
+                while len(proto_mirror.current) < NKEYS and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                counts = publisher.publish_all()
+                out["proto_pass_b"] = counts.as_dict()
+                if counts.written or counts.unchanged != NKEYS:
+                    out["problems"] = [f"prototype: unchanged pass wrote: {counts}"]
+            finally:
+                proto_mirror.close()
+        # ZooKeeper holds exactly the storage's heads.
+        children = client.get_children(keeper.data_path)
+        out["znodes"] = len(children)
+        problems = []
+        if len(children) != NKEYS:
+            problems.append(f"{len(children)} znodes under {keeper.data_path}, expected {NKEYS}")
+        for i in random.Random(2).sample(range(NKEYS), 25):
+            if keeper.get(key_name(i)) != commits[i]:
+                problems.append(f"znode {key_name(i)} differs from the storage")
+        out["problems"] = problems + out.get("problems", [])
+    finally:
+        storage.stop()
+    return out
+
+
+# ====================================================================== 3. latency
+
+
+def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, block: int,
+                  warmup: int) -> dict:
+    from rainer_server import Commit
+    from rainer_server.commit import now
+    from rainer_server.keeper import CommitKeeper
+
+    floor_client = kazoo_client(hosts, clients, bare=True)
+    commit_size = len(Commit(SAVE_KEY, 1, make_payload(SAVE_KEY, 1), "bench", "save",
+                             now()).serialize())
+
+    def floor_data(version: int) -> bytes:
+        head = b"%d\n" % version
+        return head + b"x" * max(0, commit_size - len(head))
+
+    floor_client.ensure_path(FLOOR_ZNODE)
+    floor_client.set(FLOOR_ZNODE, floor_data(0))
+    watcher = Observer("datawatch", hosts, FLOOR_ZNODE)
+    mirror_obs = Observer("mirror", hosts, BASE_PATH, POST_KEY, SAVE_KEY)
+    watcher.wait_ready()
+    mirror_open_s = mirror_obs.wait_ready()
+    log(f"observers ready; the observer's mirror opened over {NKEYS} znodes in "
+        f"{mirror_open_s:.2f} s")
+
+    save_client = kazoo_client(hosts, clients)
+    keeper = CommitKeeper(save_client, BASE_PATH)
+    versions = {"floor": 0, "post": 0, "save": 0}
+    results: dict[str, list[tuple[int, int, int]]] = {"floor": [], "post": [], "save": []}
+
+    def one(kind: str) -> tuple[int, int, int]:
+        versions[kind] += 1
+        v = versions[kind]
+        if kind == "floor":
+            t0 = now_ns()
+            floor_client.set(FLOOR_ZNODE, floor_data(v))
+            t1 = now_ns()
+            ta = watcher.wait_for("floor", v)
+        elif kind == "save":
+            commit = Commit(SAVE_KEY, v, make_payload(SAVE_KEY, v), "bench", "save", now())
+            t0 = now_ns()
+            keeper.save(commit)
+            t1 = now_ns()
+            ta = mirror_obs.wait_for(SAVE_KEY, v)
+        else:
+            body = make_payload(POST_KEY, v)
+            t0 = now_ns()
+            status, _, answer = http_request(rainer.base, "POST", f"/diary/{POST_KEY}/{v}",
+                                             body, AUTHOR)
+            t1 = now_ns()
+            if status != 200:
+                raise RuntimeError(f"POST {POST_KEY}/{v}: {status} {answer[:300]!r}")
+            ta = mirror_obs.wait_for(POST_KEY, v)
+        return t0, t1, ta
+
+    kinds = ["floor", "post", "save"]
+    for kind in kinds:  # warm-up, and the keys' first versions (children watch, not data)
+        for _ in range(warmup):
+            one(kind)
+    started = time.monotonic()
+    blocks = max(1, samples // block)
+    for b in range(blocks):
+        order = kinds[b % 3:] + kinds[:b % 3]
+        for kind in order:
+            for _ in range(block):
+                results[kind].append(one(kind))
+    elapsed = time.monotonic() - started
+
+    def summary(rows, frm: int) -> dict:
+        ms = [(ta - (t0 if frm == 0 else t1)) / 1e6 for t0, t1, ta in rows]
+        return {"p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+                "p99_ms": percentile(ms, 99), "max_ms": max(ms), "n": len(ms),
+                "early_pct": 100 * sum(1 for x in ms if x < 0) / len(ms)}
+
+    def call_ms(rows) -> float:
+        return statistics.median((t1 - t0) / 1e6 for t0, t1, _ in rows)
+
+    out = {
+        "floor": summary(results["floor"], 0),
+        "floor_call_ms": call_ms(results["floor"]),
+        "post_from_send": summary(results["post"], 0),
+        "post_after_200": summary(results["post"], 1),
+        "post_call_ms": call_ms(results["post"]),
+        "save": summary(results["save"], 0),
+        # From the write call returning to the other process's callback: the watch delivery
+        # (ZooKeeper's notification, kazoo's re-read, and for the mirror its parse + new view).
+        "floor_after_call": summary(results["floor"], 1),
+        "save_after_call": summary(results["save"], 1),
+        "save_call_ms": call_ms(results["save"]),
+        "mirror_open_s": mirror_open_s,
+        "elapsed_s": elapsed,
+    }
+    # Every gunicorn worker serves the last version from its own mirror (requests land on
+    # whichever worker accepts first, so ask a few times).
+    last = versions["post"]
+    problems = []
+    deadline = time.monotonic() + 10
+    good = 0
+    while good < 20 and time.monotonic() < deadline:
+        status, headers, body = http_request(rainer.base, "GET", f"/diary/{POST_KEY}")
+        ok = (status == 200 and headers.get("X-Rainer-Cached") == "Yes"
+              and headers.get("X-Rainer-Version") == str(last)
+              and body == make_payload(POST_KEY, last))
+        good = good + 1 if ok else 0
+        if not ok:
+            time.sleep(0.05)
+    if good < 20:
+        problems.append(f"gunicorn workers do not all serve {POST_KEY} v{last} from the mirror")
+    out["problems"] = problems
+    watcher.stop()
+    mirror_obs.stop()
+    return out
+
+
+# ====================================================================== 4. GET throughput
+
+
+def verify_cached(base: str, n: int = 50, headers_like: str | None = None) -> list[str]:
+    """A sample of GETs answered from the mirror with the seeded payload (and, for a
+    prototype, with exactly the headers the service sends)."""
+    problems = []
+    skip = {"date", "server", "connection"}
+    for i in random.Random(n).sample(range(NKEYS), n):
+        key = key_name(i)
+        status, headers, body = http_request(base, "GET", f"/diary/{key}")
+        if status != 200 or body != make_payload(key, 1):
+            problems.append(f"{base} GET /diary/{key}: {status}, body {body[:80]!r}")
+        elif headers.get("X-Rainer-Cached") != "Yes":
+            problems.append(f"{base} GET /diary/{key}: no X-Rainer-Cached: Yes")
+        elif headers_like and headers_like != base:
+            _, expected, _ = http_request(headers_like, "GET", f"/diary/{key}")
+            mine = sorted((k.lower(), v) for k, v in headers.items() if k.lower() not in skip)
+            theirs = sorted((k.lower(), v) for k, v in expected.items() if k.lower() not in skip)
+            if mine != theirs:
+                problems.append(f"{base} GET /diary/{key}: headers {mine} != {theirs}")
+    return problems
+
+
+def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
+    script = BENCH / "keeper_get.lua"
+    script_args = ["/diary", str(NKEYS)]
+    masters = [os.getpid()] + [s.process.pid for s in servers.values()]
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+
+    def measure(name: str, seconds: float) -> dict:
+        server = servers[name]
+        cpu0 = tree_cpu({server.process.pid})
+        with CpuWatch(masters) as cpu:
+            result = run_wrk(server.base + "/diary/key-00000", script, script_args, seconds,
+                             args.connections, args.threads)
+        server_cpu = tree_cpu({server.process.pid}) - cpu0
+        server.check_alive()
+        return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+                "requests": result.requests, "non2xx": result.non2xx,
+                "socket_errors": result.socket_errors, "bg_pct": cpu.background_pct,
+                # CPU the server's workers spent per answer: far less sensitive to what else
+                # runs on the machine than req/s.
+                "cpu_us_per_req": 1e6 * server_cpu / result.requests if result.requests else 0}
+
+    names = list(servers)
+    if args.warmup > 0:
+        for name in names:
+            measure(name, args.warmup)
+    seconds = max(1.0, args.duration / args.rounds)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        for name in order:
+            runs[name].append(measure(name, seconds))
+    rows = {}
+    for name, rounds in runs.items():
+        rps = [run["rps"] for run in rounds]
+        middle = statistics.median(rps)
+        rows[name] = {
+            "rps": middle,
+            "spread_pct": 100 * (max(rps) - min(rps)) / middle if middle else 0.0,
+            "p50_ms": statistics.median(run["p50_ms"] for run in rounds),
+            "p99_ms": statistics.median(run["p99_ms"] for run in rounds),
+            "requests": sum(run["requests"] for run in rounds),
+            "non2xx": sum(run["non2xx"] for run in rounds),
+            "socket_errors": sum(run["socket_errors"] for run in rounds),
+            "bg_pct": statistics.mean(run["bg_pct"] for run in rounds),
+            "cpu_us_per_req": statistics.median(run["cpu_us_per_req"] for run in rounds),
+            "rounds": rounds,
+        }
+    for name in names:
+        if name.startswith("P:") and "flask_dict" in runs:
+            ratios = [a["rps"] / b["rps"] for a, b in zip(runs[name], runs["flask_dict"])
+                      if b["rps"]]
+            rows[name]["ratio_vs_flask_dict"] = statistics.median(ratios) if ratios else 0.0
+            cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"]
+                   for a, b in zip(runs[name], runs["flask_dict"]) if a["cpu_us_per_req"]]
+            rows[name]["cpu_ratio_vs_flask_dict"] = statistics.median(cpu) if cpu else 0.0
+    for name in names:
+        if name != "rainer" and not name.startswith("P:"):
+            ratios = [a["rps"] / b["rps"] for a, b in zip(runs["rainer"], runs[name])
+                      if b["rps"]]
+            rows["rainer"][f"ratio_vs_{name}"] = statistics.median(ratios) if ratios else 0.0
+            cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"]
+                   for a, b in zip(runs["rainer"], runs[name]) if a["cpu_us_per_req"]]
+            rows["rainer"][f"cpu_ratio_vs_{name}"] = statistics.median(cpu) if cpu else 0.0
+    return rows
+
+
+def wait_cached(rainer: Gunicorn, timeout: float = 120) -> float:
+    """Seconds until 20 answers in a row (spread over the workers) come from a mirror."""
+    started = time.monotonic()
+    deadline = started + timeout
+    good = 0
+    while good < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Rainer's mirrors not complete within {timeout} s:\n"
+                               f"{rainer.output()}")
+        rainer.check_alive()
+        try:
+            status, headers, _ = http_request(rainer.base, "GET", "/diary/key-00000")
+        except OSError:
+            status, headers = 0, {}
+        if status == 200 and headers.get("X-Rainer-Cached") == "Yes":
+            good += 1
+        else:
+            good = 0
+            time.sleep(0.05)
+    return time.monotonic() - started
+
+
+# ====================================================================== report
+
+
+def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
+    rows: list[dict] = []
+
+    def row(scenario, value, unit, floor=None, ratio=None, target="", verdict="info", note=""):
+        rows.append({"scenario": scenario, "value": value, "unit": unit, "floor": floor,
+                     "ratio": ratio, "target": target, "verdict": verdict, "note": note})
+
+    if lat:
+        f = lat["floor"]
+        for label, data in (("POST sent", lat["post_from_send"]),
+                            ("keeper.save() call", lat["save"])):
+            for q in ("p50", "p99"):
+                v, fl = data[f"{q}_ms"], f[f"{q}_ms"]
+                row(f"commit->other mirror {q} ({label})", v, "ms", fl, v / fl if fl else None,
+                    note="floor: kazoo set -> DataWatch in 2nd process")
+        d, fd = lat["save_after_call"], lat["floor_after_call"]
+        row("  delivery after the write returned p50", d["p50_ms"], "ms", fd["p50_ms"],
+            d["p50_ms"] / fd["p50_ms"] if fd["p50_ms"] > 0 else None,
+            note=f"p99 {d['p99_ms']:.2f} vs {fd['p99_ms']:.2f} ms: mirror vs bare DataWatch")
+        a = lat["post_after_200"]
+        row("commit->other mirror p50 (after 200)", a["p50_ms"], "ms",
+            note=f"p99 {a['p99_ms']:.2f} ms; mirror first in {a['early_pct']:.0f}%")
+        row("POST round trip p50 (MySQL + keeper)", lat["post_call_ms"], "ms",
+            note=f"keeper.save {lat['save_call_ms']:.2f} ms, kazoo set "
+                 f"{lat['floor_call_ms']:.2f} ms")
+    if gets:
+        r = gets["rainer"]
+        for name, target in (("flask_dict", 0.9), ("bare_wsgi", None)):
+            if name not in gets:
+                continue
+            ratio = r.get(f"ratio_vs_{name}")
+            cpu_ratio = r.get(f"cpu_ratio_vs_{name}")
+            disagree = (" NOISY: req/s and CPU ratios disagree"
+                        if ratio and cpu_ratio and abs(ratio - cpu_ratio) > 0.07 else "")
+            row(f"GET /diary/<key> cached req/s vs {name}", r["rps"], "req/s",
+                gets[name]["rps"], ratio,
+                target=f">= {target:.2f}x" if target else "",
+                verdict=("PASS" if ratio >= target else "FAIL") if target else "info",
+                note=f"p99 {r['p99_ms']:.1f} vs {gets[name]['p99_ms']:.1f} ms, spread "
+                     f"{r['spread_pct']:.0f}%/{gets[name]['spread_pct']:.0f}%, bg "
+                     f"{r['bg_pct']:.0f}%{disagree}")
+            row(f"  GET worker CPU per request vs {name}", r["cpu_us_per_req"], "us",
+                gets[name]["cpu_us_per_req"], r.get(f"cpu_ratio_vs_{name}"),
+                note="ratio = floor CPU / Rainer CPU (same sense as req/s)")
+        for name, p in gets.items():
+            if name.startswith("P:") and "flask_dict" in gets:
+                row(f"  PROTOTYPE GET {name[2:]} vs flask_dict", p["rps"], "req/s",
+                    gets["flask_dict"]["rps"], p.get("ratio_vs_flask_dict"),
+                    note=f"CPU/request {p['cpu_us_per_req']:.0f} us, CPU ratio "
+                         f"{p.get('cpu_ratio_vs_flask_dict', 0):.2f}x (keeper_variants.py)")
+    if pub:
+        a = pub["pass_a"]
+        ok_a = (a["created"] == NKEYS and not a["failed"] and not a["refused"]
+                and not a["aborted"] and not pub["problems"])
+        row("publish pass (a): 10k keys, empty ZK", pub["pass_a_s"], "s", pub["raw_create_s"],
+            pub["pass_a_s"] / pub["raw_create_s"], f"{NKEYS} created, 0 failed",
+            "PASS" if ok_a else "FAIL",
+            note=f"created {a['created']} updated {a['updated']} failed {a['failed']} "
+                 "(floor: sequential bare create)")
+        b = pub["pass_b"]
+        written = b["created"] + b["updated"] + b["deleted"]
+        ok_b = (written == 0 and b["unchanged"] == NKEYS and not b["failed"]
+                and not b["refused"] and pub["pass_b_s"] < 1.0)
+        row("publish pass (b): 10k unchanged", pub["pass_b_s"], "s", None, None,
+            "0 writes, < 1 s", "PASS" if ok_b else "FAIL",
+            note=f"{written} writes, {b['unchanged']} unchanged; storage.heads() "
+                 f"{pub['heads_s'] * 1000:.0f} ms of it")
+        rl = pub["pass_a_relists"]
+        row("  mirror catch-up after pass (a)", pub["catch_up_s"], "s",
+            note=f"{pub['mirror_after_a']} keys in the publisher's mirror; during (a) it "
+                 f"re-listed data/ {rl['calls']} times, {rl['names'] / 1e6:.1f}M names")
+        if "proto_pass_a_s" in pub:
+            pr = pub["proto_relists"]
+            row("  PROTOTYPE pass (a), debounced children watch", pub["proto_pass_a_s"], "s",
+                pub["raw_create_s"], pub["proto_pass_a_s"] / pub["raw_create_s"],
+                note=f"{pub['proto_pass_a']['created']} created; {pr['calls']} re-lists, "
+                     f"{pr['names'] / 1e6:.1f}M names (keeper_variants.py)")
+        if "save_nomirror_s" in pub:
+            row("  keeper.save x 10k, no mirror", pub["save_nomirror_s"], "s",
+                pub["raw_create_s"], pub["save_nomirror_s"] / pub["raw_create_s"])
+        if "pipelined_create_s" in pub:
+            row("  bare create_async x 10k, pipelined", pub["pipelined_create_s"], "s")
+    if lat:
+        fl = pub.get("keeper_heads_s")
+        row("  mirror open over 10k znodes (observer)", lat["mirror_open_s"], "s", fl,
+            lat["mirror_open_s"] / fl if fl else None,
+            note="floor: keeper.heads(), the same 10k reads pipelined")
+    if "workers_cached_s" in extra:
+        row("  gunicorn start -> every worker mirror-backed", extra["workers_cached_s"], "s",
+            note="reads fall back to the database until then")
+    return rows
+
+
+def print_table(table: list[dict]) -> None:
+    def fmt(value, unit=""):
+        if value is None:
+            return "-"
+        if unit == "req/s":
+            return f"{value:.0f}"
+        if unit == "s":
+            return f"{value:.3f}"
+        if unit == "us":
+            return f"{value:.0f}"
+        return f"{value:.2f}"
+
+    print(f"{'scenario':<50} {'value':>10} {'unit':<5} {'floor':>10} {'ratio':>7} "
+          f"{'target':<18} {'verdict':<7} note")
+    for r in table:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"{r['scenario']:<50} {fmt(r['value'], r['unit']):>10} {r['unit']:<5} "
+              f"{fmt(r['floor'], r['unit']):>10} {ratio:>7} {r['target']:<18} "
+              f"{r['verdict']:<7} {r['note']}")
+
+
+# ====================================================================== main
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=8,
+                        help="wrk seconds per GET server, split over --rounds")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="alternating wrk rounds (short rounds pair up better on a busy "
+                             "machine)")
+    parser.add_argument("--warmup", type=float, default=2, help="wrk warm-up seconds per server")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (all apps)")
+    parser.add_argument("--samples", type=int, default=1000, help="latency samples per kind")
+    parser.add_argument("--mysql", default="mysql://root@127.0.0.1:3306",
+                        help="MySQL server URL, without database")
+    parser.add_argument("--database", default="rainer_bench_keeper")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the extra publisher rows (no-mirror saves, pipelined creates)")
+    parser.add_argument("--prototypes", action="store_true",
+                        help="also measure prototypes of proposed fixes (keeper_variants.py)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--keep-logs", metavar="DIR", help="keep gunicorn/ZooKeeper logs here")
+    args = parser.parse_args(argv)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    db_url = f"{args.mysql.rstrip('/')}/{args.database}"
+    workdir = Path(tempfile.mkdtemp(prefix="rainer-bench-keeper-"))
+    started = time.monotonic()
+    zk = None
+    clients: list = []
+    created = False
+    pub: dict = {}
+    lat: dict = {}
+    gets: dict = {}
+    invalid: list[str] = []
+    extra: dict = {}
+    try:
+        from tests.zkserver import ZooKeeperServer
+
+        log(f"rainer keeper bench: {os.cpu_count()} CPUs, load1 {os.getloadavg()[0]:.2f}, "
+            f"gunicorn --workers {args.workers} (sync), floors from {FLOOR_MODULE}.py, "
+            f"MySQL {db_url}")
+        zk = ZooKeeperServer(workdir / "zk").start()
+        log(f"ZooKeeper at {zk.hosts}")
+        mysql_execute(args.mysql, f"DROP DATABASE IF EXISTS `{args.database}`",
+                      f"CREATE DATABASE `{args.database}`")
+        created = True
+        log(f"seeded {NKEYS} keys in {seed(db_url):.1f} s")
+
+        pub = bench_publisher(zk.hosts, db_url, clients, not args.no_extras, args.prototypes)
+        invalid += pub["problems"]
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
+        env.update(
+            RAINER_DATABASE_URL=db_url, RAINER_TABLE=TABLE, RAINER_ZK_HOSTS=zk.hosts,
+            RAINER_ZK_PATH=BASE_PATH,
+            # No elected pass during the measurements (each costs a storage.heads()).
+            RAINER_PUBLISH_PERIOD="3600",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        servers = {
+            "rainer": Gunicorn("rainer", "wsgi:app", env, args.workers, workdir),
+            "flask_dict": Gunicorn("flask_dict", f"{FLOOR_MODULE}:flask_dict", env,
+                                   args.workers, workdir),
+            "bare_wsgi": Gunicorn("bare_wsgi", f"{FLOOR_MODULE}:bare_wsgi", env,
+                                  args.workers, workdir),
+        }
+        for server in servers.values():
+            server.wait_ready()
+        extra["workers_cached_s"] = wait_cached(servers["rainer"])
+        log(f"gunicorns up; every Rainer worker serves from its mirror after "
+            f"{extra['workers_cached_s']:.1f} s")
+        for name in ("flask_dict", "bare_wsgi"):
+            status, _, body = http_request(servers[name].base, "GET", "/diary/key-00042")
+            if status != 200 or (name == "flask_dict" and body != make_payload(key_name(42), 1)):
+                raise RuntimeError(f"{name}: probe answered {status} {body[:100]!r}")
+
+        lat = bench_latency(zk.hosts, servers["rainer"], clients, args.samples,
+                            block=min(100, args.samples), warmup=20)
+        invalid += lat["problems"]
+        for key in ("floor", "post_from_send", "post_after_200", "save"):
+            s = lat[key]
+            log(f"latency {key:<15} p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
+                f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms (n={s['n']})")
+
+        if args.prototypes:
+            # Started only now: their mirrors would also react to every latency sample.
+            for variant in ("prebuilt", "prebuilt_nometrics"):
+                servers[f"P:{variant}"] = Gunicorn(
+                    variant, f"keeper_variants:make_app('{variant}')", env, args.workers,
+                    workdir)
+            for name in servers:
+                if name.startswith("P:"):
+                    servers[name].wait_ready()
+                    wait_cached(servers[name])
+        cached = [name for name in servers if name == "rainer" or name.startswith("P:")]
+        for name in cached:
+            invalid += verify_cached(servers[name].base, headers_like=servers["rainer"].base)
+        gets = bench_gets(servers, args)
+        for name in cached:
+            invalid += verify_cached(servers[name].base)
+        for name, r in gets.items():
+            log(f"GET {name:<11} {r['rps']:8.0f} req/s (spread {r['spread_pct']:.0f}%), "
+                f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['non2xx']} non-2xx, "
+                f"{r['socket_errors']} socket errors, bg CPU {r['bg_pct']:.0f}%")
+            if r["non2xx"] or r["socket_errors"]:
+                invalid.append(f"GET {name}: {r['non2xx']} non-2xx, "
+                               f"{r['socket_errors']} socket errors")
+        if args.keep_logs:
+            for server in servers.values():
+                server.log.flush()
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        Children.stop_all()
+        for client in clients:
+            try:
+                client.stop()
+                client.close()
+            except Exception:
+                pass
+        if zk is not None:
+            zk.stop()
+        if created:
+            try:
+                mysql_execute(args.mysql, f"DROP DATABASE IF EXISTS `{args.database}`")
+            except Exception as exc:
+                print(f"warning: could not drop {args.database}: {exc}", file=sys.stderr)
+        if args.keep_logs:
+            shutil.copytree(workdir, args.keep_logs, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("version-2"))
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    table = build_table(pub, lat, gets, extra)
+    print()
+    print_table(table)
+    for problem in invalid:
+        print(f"INVALID: {problem}")
+    elapsed = time.monotonic() - started
+    print(f"# {elapsed:.0f} s total; load1 at end {os.getloadavg()[0]:.2f}. Latencies over "
+          f"{args.samples} samples per kind, interleaved; req/s medians over {args.rounds} wrk "
+          f"rounds of {max(1.0, args.duration / args.rounds):g} s (-t{args.threads} "
+          f"-c{args.connections}), ratio = median of per-round ratios; bg = CPU used by other "
+          "processes on the machine.")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({
+                "meta": {"cpus": os.cpu_count(), "workers": args.workers,
+                         "connections": args.connections, "threads": args.threads,
+                         "duration_s": args.duration, "rounds": args.rounds,
+                         "samples": args.samples, "python": platform.python_version(),
+                         "elapsed_s": elapsed, "invalid": invalid, **extra},
+                "table": table, "publisher": pub, "latency": lat, "gets": gets,
+            }, out, indent=2, default=str)
+    if invalid:
+        return 2
+    return 0 if all(r["verdict"] != "FAIL" for r in table) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

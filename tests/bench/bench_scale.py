@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Scale figures (issue 5): heads listing, publisher passes, a mirror's memory and start-up.
+
+    python3 tests/bench/bench_scale.py [--scenario 10000x50 --scenario 100000x5] [--json PATH]
+
+Needs ``RAINER_TEST_MYSQL_URL`` (scripts/test's MariaDB will do); ZooKeeper from
+``RAINER_TEST_ZK_HOSTS``, else a throw-away one from the Debian package (tests.zkserver).
+
+For each scenario ``KEYSxVERSIONS`` it:
+
+1. bulk-loads a fresh MySQL table with KEYS keys of VERSIONS versions each (~120-byte JSON
+   payloads, ``is_head`` on each newest row, as ``save`` leaves them);
+2. times ``storage.heads()`` and ``heads_token()`` (median of 5);
+3. times one publisher pass into an empty ZooKeeper chroot (every key created), then an
+   unchanged one (the publisher's mirror has every key: no writes);
+4. opens a fresh mirror on its own kazoo client and reports the time until it is complete
+   and the RSS it added (and tracemalloc's count of Python allocations in a second mirror);
+5. starts gunicorn (1 sync worker, the table above, the chroot above) and times ``GET
+   /diary`` (mirror-backed) and ``GET /diary?all=yes`` (database), first (cold: read and
+   serialise) and then warm (median of 5: cached body), plus the response size;
+6. drops the table and the chroot.
+
+It prints one table and, with ``--json``, writes the figures. Bounded: every wait has a
+deadline; it stops what it started on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+import uuid
+from datetime import datetime
+from datetime import timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rainer_server.keeper import CommitKeeper  # noqa: E402
+from rainer_server.keeper import make_kazoo_client  # noqa: E402
+from rainer_server.publisher import AutoPublisher  # noqa: E402
+from rainer_server.storage.db import DbCommitStorage  # noqa: E402
+from rainer_server.storage.db import open_database  # noqa: E402
+from tests.test_gunicorn import Gunicorn  # noqa: E402
+
+BATCH = 2000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def median_time(fn, runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def load(storage: DbCommitStorage, keys: int, versions: int) -> float:
+    """Bulk-insert keys x versions rows; return the seconds it took."""
+    started = time.perf_counter()
+    db = storage.database
+    table = storage.table_name
+    mtime = datetime(2026, 1, 1, tzinfo=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.000")
+    sql_head = (
+        f"INSERT INTO {table} (`key`, version, author, comment, mtime, is_empty, is_head, payload) VALUES "
+    )
+    rows: list[tuple] = []
+
+    def flush() -> None:
+        if rows:
+            placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+            db.execute_sql(sql_head + placeholders, [v for row in rows for v in row])
+            rows.clear()
+
+    db.connect(reuse_if_open=True)
+    with db.atomic():
+        for k in range(keys):
+            key = f"service-{k:06d}.settings"
+            for v in range(1, versions + 1):
+                payload = json.dumps(
+                    {"key": key, "version": v, "pool": {"min": 4, "max": 64}, "flags": ["a", "b"], "pad": "x" * 20}
+                ).encode()
+                rows.append((key.encode(), v, "bench", "load", mtime, False, v == versions, payload))
+                if len(rows) >= BATCH:
+                    flush()
+        flush()
+    return time.perf_counter() - started
+
+
+def wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def http_time(url: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=120) as response:
+        body = response.read()
+    return time.perf_counter() - started, len(body)
+
+
+def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dict:
+    figures: dict = {"scenario": f"{keys}x{versions}", "keys": keys, "versions": versions}
+    table = "t_scale_" + uuid.uuid4().hex[:8]
+    storage = DbCommitStorage(open_database(mysql_url), table)
+    storage.start()
+    chroot = "/rainer-scale-" + uuid.uuid4().hex[:8]
+    admin = make_kazoo_client(zk_hosts)
+    admin.start(timeout=15)
+    admin.ensure_path(chroot)
+    clients = []
+    try:
+        figures["load_s"] = load(storage, keys, versions)
+        assert len(storage.heads()) == keys
+        figures["heads_s"] = median_time(storage.heads)
+        figures["heads_token_s"] = median_time(storage.heads_token)
+
+        # Publisher: first pass into an empty ZooKeeper, then an unchanged one.
+        client = make_kazoo_client(zk_hosts + chroot, 30)
+        client.start(timeout=15)
+        clients.append(client)
+        keeper = CommitKeeper(client, "/rainer", timeout=30)
+        publisher = AutoPublisher(client, keeper, storage, period=3600)
+        counts = publisher.publish_all()
+        assert counts.created == keys, counts
+        figures["pass_first_s"] = counts.duration
+        mirror = publisher._get_mirror(lambda: True)  # the publisher's own mirror
+        wait(lambda: mirror is not None and len(mirror.current) == keys, 600, "publisher mirror")
+        counts = publisher.publish_all()
+        assert counts.unchanged == keys and counts.written == 0, counts
+        figures["pass_unchanged_s"] = counts.duration
+        publisher.close()
+
+        # A fresh mirror: start-up time and RSS it adds (its own client, like a worker's).
+        gc.collect()
+        before = rss_bytes()
+        mclient = make_kazoo_client(zk_hosts + chroot, 30)
+        mclient.start(timeout=15)
+        clients.append(mclient)
+        started = time.perf_counter()
+        view = CommitKeeper(mclient, "/rainer", timeout=30).mirror(timeout=600)
+        figures["mirror_start_s"] = time.perf_counter() - started
+        assert len(view.current) == keys
+        gc.collect()
+        figures["mirror_rss_mb"] = (rss_bytes() - before) / 2**20
+        # Python allocations of one more mirror (tracemalloc slows it down: not timed).
+        tracemalloc.start()
+        second = CommitKeeper(mclient, "/rainer", timeout=30).mirror(timeout=600)
+        gc.collect()
+        figures["mirror_traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+        tracemalloc.stop()
+        second.close()
+        view.close()
+
+        # Listing over HTTP: one sync worker on this table and chroot.
+        with tempfile.TemporaryDirectory() as logs:
+            server = Gunicorn(
+                {
+                    "RAINER_DATABASE_URL": mysql_url,
+                    "RAINER_TABLE": table,
+                    "RAINER_ZK_HOSTS": zk_hosts + chroot,
+                    "RAINER_PUBLISH_PERIOD": "3600",
+                    "RAINER_TEST_LOG_DIR": logs,
+                },
+                workers=1,
+            )
+            try:
+                server.wait_ready(120)
+                root = server.url.rsplit("/diary", 1)[0]
+
+                def mirror_ready() -> bool:
+                    try:
+                        return urllib.request.urlopen(root + "/readyz", timeout=5).status == 200
+                    except OSError:
+                        return False
+
+                started = time.perf_counter()
+                wait(mirror_ready, 600, "gunicorn worker's mirror")
+                figures["worker_ready_s"] = time.perf_counter() - started
+                for name, url in (("list_mirror", server.url + "/"), ("list_db", server.url + "/?all=yes")):
+                    figures[f"{name}_cold_s"], figures[f"{name}_bytes"] = http_time(url)
+                    figures[f"{name}_warm_s"] = median_time(lambda: http_time(url))
+            finally:
+                server.stop()
+    finally:
+        for client in clients:
+            client.stop()
+            client.close()
+        try:
+            admin.delete(chroot, recursive=True)
+        finally:
+            admin.stop()
+            admin.close()
+        storage.database.connect(reuse_if_open=True)
+        storage.database.execute_sql(f"DROP TABLE IF EXISTS {table}")
+        storage.stop()
+    return figures
+
+
+ROWS = [
+    ("load (bulk insert)", "load_s", "s"),
+    ("storage.heads()", "heads_s", "s"),
+    ("heads_token()", "heads_token_s", "s"),
+    ("publisher pass, first (all created)", "pass_first_s", "s"),
+    ("publisher pass, unchanged", "pass_unchanged_s", "s"),
+    ("mirror start-up (complete)", "mirror_start_s", "s"),
+    ("mirror RSS added", "mirror_rss_mb", "MiB"),
+    ("mirror Python allocations", "mirror_traced_mb", "MiB"),
+    ("gunicorn worker ready (readyz)", "worker_ready_s", "s"),
+    ("GET /diary cold (mirror)", "list_mirror_cold_s", "s"),
+    ("GET /diary warm (mirror)", "list_mirror_warm_s", "s"),
+    ("GET /diary?all=yes cold (db)", "list_db_cold_s", "s"),
+    ("GET /diary?all=yes warm (db)", "list_db_warm_s", "s"),
+    ("listing size", "list_mirror_bytes", "bytes"),
+]
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'figure':40}" + "".join(f"{r['scenario']:>16}" for r in results)
+    print(header)
+    print("-" * len(header))
+    for label, name, unit in ROWS:
+        cells = []
+        for r in results:
+            value = r.get(name)
+            if value is None:
+                cells.append(f"{'-':>16}")
+            elif unit == "s":
+                cells.append(f"{value * 1000:>13.1f} ms" if value < 10 else f"{value:>14.1f} s")
+            elif unit == "MiB":
+                cells.append(f"{value:>12.1f} MiB")
+            else:
+                cells.append(f"{value / 2**20:>12.2f} MiB")
+        print(f"{label:40}" + "".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", action="append", help="KEYSxVERSIONS (default: 10000x50, 100000x5)")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    mysql_url = os.environ.get("RAINER_TEST_MYSQL_URL")
+    if not mysql_url:
+        parser.error("RAINER_TEST_MYSQL_URL is not set (scripts/test's MariaDB: mysql://root@127.0.0.1:3306/rainer_test)")
+    zk_server = None
+    zk_hosts = os.environ.get("RAINER_TEST_ZK_HOSTS")
+    if not zk_hosts:
+        from tests.zkserver import ZooKeeperServer
+
+        zk_server = ZooKeeperServer(tempfile.mkdtemp(prefix="rainer-scale-zk-"))
+        zk_server.start()
+        zk_hosts = zk_server.hosts
+    results = []
+    try:
+        for scenario in args.scenario or ["10000x50", "100000x5"]:
+            keys, versions = (int(n) for n in scenario.lower().split("x"))
+            print(f"[bench_scale] {keys} keys x {versions} versions ...", file=sys.stderr, flush=True)
+            results.append(run_scenario(mysql_url, zk_hosts, keys, versions))
+            # As each scenario ends: a long run that fails later keeps what it measured.
+            print(f"[bench_scale] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+    finally:
+        if zk_server is not None:
+            zk_server.stop()
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

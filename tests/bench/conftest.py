@@ -1,0 +1,3 @@
+"""The benchmarks under tests/bench are scripts, never collected by pytest."""
+
+collect_ignore_glob = ["*"]
