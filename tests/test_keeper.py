@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import types
 from collections.abc import Callable
@@ -23,6 +22,9 @@ from rainer_server.keeper import CommitKeeper
 from rainer_server.keeper import CommitTooLarge
 from rainer_server.keeper import SaveResult
 from rainer_server.keeper import make_kazoo_client
+from tests.zk_support import wait_until
+from tests.zk_support import expire_session
+from tests.zk_support import started_client
 
 pytestmark = pytest.mark.zookeeper
 
@@ -40,15 +42,6 @@ def make_commit(
     return Commit(key, version, payload, author, comment, MTIME)
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
 
 def original_bytes(header: str, payload: bytes) -> bytes:
     """A znode as the JVM Rainer writes it: ``<len>\\n<header>\\n<payload>\\n``."""
@@ -56,37 +49,9 @@ def original_bytes(header: str, payload: bytes) -> bytes:
     return b"%d\n%s\n%s\n" % (len(raw), raw, payload)
 
 
-def expire_session(client: KazooClient, hosts: str) -> None:
-    """Really expire ``client``'s session on the server, as Curator's KillSession does.
-
-    A second client attaches to the same session and closes it; the first one then finds its
-    session expired when it reconnects, and kazoo starts a new session.
-    """
-    session_id, password = client.client_id
-    lost = threading.Event()
-
-    def listener(state: str) -> None:
-        if state == "LOST":
-            lost.set()
-
-    client.add_listener(listener)
-    killer = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=10)
-    killer.start(timeout=15)
-    killer.stop()
-    killer.close()
-    assert lost.wait(10), "the session was not expired"
-    client.remove_listener(listener)
-    wait_until(lambda: client.connected and client.client_id[0] != session_id, what="a new session")
-
-
 @pytest.fixture
 def client(zk_chroot):
-    c = make_kazoo_client(zk_chroot, session_timeout=10.0)
-    c.start(timeout=15)
-    c.ensure_path("/")
-    yield c
-    c.stop()
-    c.close()
+    yield from started_client(zk_chroot)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
@@ -19,6 +18,8 @@ from rainer_server.keeper import make_kazoo_client
 from rainer_server.publisher import AutoPublisher
 from rainer_server.publisher import default_identifier
 from rainer_server.storage.memory import MemoryCommitStorage
+from tests.zk_support import wait_until
+from tests.zk_support import expire_session
 
 pytestmark = pytest.mark.zookeeper
 
@@ -36,15 +37,6 @@ def make_commit(
     return Commit(key, version, payload, author, "nothing", MTIME)
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
 
 def save_history(storage: MemoryCommitStorage, *heads: Commit) -> None:
     """Save versions 1..head.version of each head (earlier versions with other payloads)."""
@@ -52,24 +44,6 @@ def save_history(storage: MemoryCommitStorage, *heads: Commit) -> None:
         for version in range(1, head.version):
             storage.save(make_commit(head.key, version, b'{"old":%d}' % version))
         storage.save(head)
-
-
-def expire_session(client: KazooClient, hosts: str) -> None:
-    """Really expire ``client``'s session: another client attaches to it and closes it."""
-    session_id, password = client.client_id
-    lost = threading.Event()
-
-    def listener(state: str) -> None:
-        if state == "LOST":
-            lost.set()
-
-    client.add_listener(listener)
-    killer = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=10)
-    killer.start(timeout=15)
-    killer.stop()
-    killer.close()
-    assert lost.wait(10), "the session was not expired"
-    client.remove_listener(listener)
 
 
 @pytest.fixture
@@ -336,7 +310,7 @@ def test_leader_session_expiry_stops_leading_then_rejoins_and_repairs(
     publisher.start()
     wait_until(lambda: publisher.is_leader and keeper.get("a") is not None, what="leadership")
 
-    expire_session(keeper.client, zk_chroot)
+    expire_session(keeper.client, zk_chroot, wait_for_new_session=False)
     wait_until(
         lambda: "Stopped automatic commit publishing" in caplog.text, what="the leader to stop"
     )

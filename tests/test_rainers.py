@@ -11,7 +11,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
@@ -25,6 +24,8 @@ from rainer_server.publisher import default_identifier
 from rainer_server.rainers import Rainers
 from rainer_server.storage.memory import MemoryCommitStorage
 from rainer_server.storage.publishing import keeper_publishing
+from tests.zk_support import wait_until
+from tests.zk_support import started_client
 
 pytestmark = pytest.mark.zookeeper
 
@@ -39,15 +40,6 @@ def make_commit(
 ) -> Commit:
     return Commit(key, version, payload, "nobody", "nothing", MTIME)
 
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def freeze(pid: int) -> None:
@@ -76,12 +68,7 @@ def timed_save(storage, commit: Commit) -> float:
 
 @pytest.fixture
 def client(zk_chroot):
-    c = make_kazoo_client(zk_chroot, session_timeout=10.0)
-    c.start(timeout=15)
-    c.ensure_path("/")
-    yield c
-    c.stop()
-    c.close()
+    yield from started_client(zk_chroot)
 
 
 @pytest.fixture
