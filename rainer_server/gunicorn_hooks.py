@@ -10,6 +10,7 @@ log, so the service writes one log in one format.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -53,6 +54,10 @@ def prepare_metrics_dir(environ: MutableMapping[str, str] = os.environ) -> str:
     path = metrics.prepare_multiprocess_dir(path)
     environ[metrics.MULTIPROC_ENV] = path
     environ[_METRICS_MARK] = f"{pid}:{'' if given else path}"
+    if not given:
+        # Also when the master never gets as far as on_exit (a bad setting stops it while
+        # loading the app). Forked workers inherit this, but the pid check makes it a no-op.
+        atexit.register(remove_metrics_dir, environ)
     return path
 
 

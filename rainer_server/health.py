@@ -62,7 +62,8 @@ def readyz() -> Response:
         else:
             checks["mirror"] = "not initialized"
     ready = all(value == "ok" for value in checks.values())
-    return _json({"status": "ok" if ready else "not ready", "checks": checks}, 200 if ready else 503)
+    body = {"status": "ok" if ready else "not ready", "checks": checks}
+    return _json(body, 200 if ready else 503)
 
 
 def _check_database(rainer: Any) -> str:

@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from typing import TYPE_CHECKING
-from typing import Any
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -41,7 +40,7 @@ _lock = threading.RLock()
 
 
 def multiprocess_mode() -> bool:
-    """Whether values are shared through ``PROMETHEUS_MULTIPROC_DIR`` (as prometheus_client decides)."""
+    """Whether values are shared through ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's test)."""
     return MULTIPROC_ENV in os.environ or MULTIPROC_ENV.lower() in os.environ
 
 
@@ -50,12 +49,11 @@ class RainerMetrics:
 
     def __init__(self) -> None:
         from prometheus_client import Counter
-        from prometheus_client import Gauge
         from prometheus_client import Histogram
 
         self.requests = Counter(
             "rainer_http_requests",
-            "HTTP requests answered, by method, route (the URL rule, never the raw path) and status.",
+            "HTTP requests answered, by method, route (the URL rule, not the path) and status.",
             ["method", "route", "status"],
         )
         self.request_seconds = Histogram(
@@ -70,7 +68,8 @@ class RainerMetrics:
         )
         self.payloads_rejected = Counter(
             "rainer_payloads_rejected",
-            "Payloads refused: too_large (413), malformed (400 Malformed input), schema (400 with messages).",
+            "Payloads refused: too_large (413), malformed (400 Malformed input), "
+            "schema (400 with the schema's messages).",
             ["reason"],
         )
         # Label values created up front, so every series exists from the first scrape.
@@ -109,7 +108,7 @@ class ZooKeeperMetrics:
 
         self.publisher_passes = Counter(
             "rainer_publisher_passes",
-            "Publisher passes over every head, by whether they ran to the end (complete) or stopped (aborted).",
+            "Publisher passes over every head: ran to the end (complete) or stopped (aborted).",
             ["result"],
         )
         self.publisher_pass_seconds = Histogram(

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rainer_server import create_app
 from tests.test_gunicorn import Gunicorn
 from tests.test_gunicorn import request
 from tests.test_server_zookeeper import wait_for

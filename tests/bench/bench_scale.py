@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -262,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("RAINER_TEST_MYSQL_URL is not set (scripts/test's MariaDB: mysql://root@127.0.0.1:3306/rainer_test)")
     zk_server = None
     zk_hosts = os.environ.get("RAINER_TEST_ZK_HOSTS")
+    zk_dir = tempfile.TemporaryDirectory(prefix="rainer-scale-zk-")
     if not zk_hosts:
         from tests.zkserver import ZooKeeperServer
 
-        zk_server = ZooKeeperServer(tempfile.mkdtemp(prefix="rainer-scale-zk-"))
+        zk_server = ZooKeeperServer(zk_dir.name)
         zk_server.start()
         zk_hosts = zk_server.hosts
     results = []
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if zk_server is not None:
             zk_server.stop()
+        zk_dir.cleanup()
     print_table(results)
     return 0
 
