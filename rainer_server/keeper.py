@@ -61,8 +61,6 @@ DEFAULT_TIMEOUT = 2.0
 #: Threads a mirror uses to register per-key watches (each registration is a round trip).
 MIRROR_WATCH_THREADS = 4
 
-# How much of a bad znode to quote in a log line.
-_LOG_TRIM = 1024
 
 
 def make_kazoo_client(hosts: str, session_timeout: float = 10.0, **kwargs: Any) -> KazooClient:
@@ -116,8 +114,8 @@ def _join(parent: str, child: str) -> str:
 
 
 def _trim(data: bytes) -> str:
-    text = data[:_LOG_TRIM].decode("utf-8", "replace")
-    return text + " ..." if len(data) > _LOG_TRIM else text
+    # A znode's payload may hold secrets: log its size only, never its bytes.
+    return f"[{len(data)} bytes]"
 
 
 def parse_znode(key: str, data: bytes) -> Commit:
