@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from rainer_server.errors import StorageUnavailable
@@ -98,3 +101,54 @@ def test_bad_database_urls_are_value_errors():
     for url in ("postgres://x/y", "mysql://db", "nonsense"):
         with pytest.raises(ValueError):
             open_database(url)
+
+
+@pytest.mark.mysql
+def test_mysql_save_chosen_as_deadlock_victim_is_retried_not_refused(mysql_url, tmp_path, request):
+    """A deadlock is no proof that the commit is late: the save runs again and succeeds."""
+    import pymysql
+
+    from tests.conftest import make_storage
+
+    storage = make_storage("mysql", tmp_path, request)
+    save_versions(storage, "k", 1)
+    params = open_database(mysql_url).connect_params
+    other = pymysql.connect(database=open_database(mysql_url).database, **params)
+    request.addfinalizer(other.close)
+    table = storage.table_name
+    cursor = other.cursor()
+    cursor.execute("BEGIN")
+    # Heavier than the save (InnoDB rolls back the transaction that changed fewer rows).
+    for n in range(20):
+        cursor.execute(
+            f"INSERT INTO {table} (`key`, version, author, comment, mtime, is_empty, is_head, "
+            "payload) VALUES (%s, 1, 'x', 'x', '2014-01-01', 0, 1, '')", (f"heavy-{n}".encode(),)
+        )
+    # A gap lock where the save's new head row goes: the save's INSERT waits for it...
+    cursor.execute(
+        f"SELECT * FROM {table} WHERE is_head = 1 AND `key` = %s AND version = 2 FOR UPDATE",
+        (b"k",),
+    )
+    outcome = []
+
+    def save() -> None:
+        try:
+            storage.save(commit("k", 2))
+            outcome.append("saved")
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    time.sleep(0.5)  # the save holds the old head's row and waits at its INSERT
+    # ...and this waits for the save's row: a deadlock, and the save is the victim.
+    cursor.execute(
+        f"UPDATE {table} SET comment = 'y' WHERE is_head = 1 AND `key` = %s AND version = 1",
+        (b"k",),
+    )
+    time.sleep(0.2)  # the retried save now waits for this transaction
+    other.rollback()
+    saver.join(timeout=10)
+    assert outcome == ["saved"]
+    assert storage.get("k") == commit("k", 2)
+    assert [c.version for c in storage.history("k")] == [2, 1]

@@ -2,7 +2,12 @@
 
 The table keeps one row per commit, in columns (not the original's blob of everything) so
 that audit questions ("who changed what, when") are plain SQL. An ``is_head`` flag marks each
-key's newest row, so listing heads costs the same whether a key has one version or fifty.
+key's newest row and leads the primary key, so InnoDB's clustered index stores all heads
+together, ahead of the history: listing heads reads the same pages whether keys have one
+version or fifty, even when the history no longer fits in the buffer pool.
+
+The hot statements are rendered to SQL once per storage and executed directly: building a
+peewee query costs more than a primary-key lookup on a warm MySQL.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import StorageUnavailable
-from rainer_server.storage import check_next_version
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,11 @@ _SQLITE_PRAGMAS = {
 # MySQL client errors that mean "the connection is gone", after which one retry on a fresh
 # connection is safe: server restarts, wait_timeout, network blips.
 _DISCONNECT_CODES = {0, 2006, 2013, 2014, 2045, 2055, 4031}
-# InnoDB deadlock / lock wait timeout: a lost race, the same as a duplicate version.
-_LOST_RACE_CODES = {1205, 1213}
+# InnoDB deadlock / lock wait timeout: a lost race, the same as a duplicate version, once a
+# deadlocked save has been retried _DEADLOCK_RETRIES times.
+_DEADLOCK = 1213
+_LOST_RACE_CODES = {1205, _DEADLOCK}
+_DEADLOCK_RETRIES = 3
 
 
 def open_database(url: str) -> peewee.Database:
@@ -135,8 +142,10 @@ def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
         payload = _PayloadField(null=True)
 
         class Meta:
-            primary_key = peewee.CompositeKey("key", "version")
-            indexes = ((("is_head", "version"), False),)
+            # A save moves the old head's row out of the heads (a primary-key update); the
+            # unique (key, version) index is what refuses a duplicate version.
+            primary_key = peewee.CompositeKey("is_head", "key", "version")
+            indexes = ((("key", "version"), True), (("is_head", "version"), False))
 
     CommitRow._meta.database = database
     CommitRow._meta.set_table_name(table_name)
@@ -160,6 +169,25 @@ class DbCommitStorage:
             self._row.payload,
         )
         self._is_sqlite = isinstance(database, peewee.SqliteDatabase)
+        row = self._row
+        heads = row.select(*self._fields).where(row.is_head == True)  # noqa: E712
+        # Parameters, in order: get_head (key), get_version (key, version), heads (-),
+        # heads_non_empty (-), insert (the _INSERT_COLUMNS), retire_head (key, version).
+        self._sql = {
+            "get_head": _sql(row.select(*self._fields).where(
+                (row.is_head == True) & (row.key == "k"))),  # noqa: E712
+            "get_version": _sql(row.select(*self._fields).where(
+                (row.key == "k") & (row.version == 1))),
+            "heads": _sql(heads),
+            "heads_non_empty": _sql(heads.where(row.is_empty == False)),  # noqa: E712
+            "insert": _sql(row.insert({getattr(row, name): None for name in _INSERT_COLUMNS})),
+            # Matches only while version is the head: its row lock queues a racing writer of
+            # the same key, who then matches nothing and gets a 409.
+            "retire_head": _sql(row.update(is_head=False).where(
+                (row.is_head == True) & (row.key == "k") & (row.version == 1))),  # noqa: E712
+        }
+        self._to_db_mtime = row.mtime.db_value
+        self._from_db_mtime = row.mtime.python_value
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,15 +202,14 @@ class DbCommitStorage:
     # ------------------------------------------------------------------ reads
 
     def get(self, key: str, version: int | None = None) -> Commit | None:
-        if version is not None and not 1 <= version <= MAX_VERSION:
-            return None  # never stored, and SQLite cannot even bind integers past 2**63
-        query = self._row.select(*self._fields).where(self._row.key == key)
         if version is None:
-            query = query.order_by(self._row.version.desc()).limit(1)
+            sql, params = self._sql["get_head"], (True, key.encode("utf-8"))
+        elif 1 <= version <= MAX_VERSION:
+            sql, params = self._sql["get_version"], (key.encode("utf-8"), version)
         else:
-            query = query.where(self._row.version == version)
-        rows = self._run(lambda: list(query.tuples()))
-        return self._to_commit(rows[0]) if rows else None
+            return None  # never stored, and SQLite cannot even bind integers past 2**63
+        row = self._run(lambda: self.database.execute_sql(sql, params).fetchone())
+        return None if row is None else self._to_commit(row)
 
     def heads(self) -> dict[str, Commit]:
         return self._heads(include_empty=True)
@@ -207,13 +234,15 @@ class DbCommitStorage:
         if before is not None:
             query = query.where(self._row.version < min(before, MAX_VERSION + 1))
         query = query.order_by(self._row.version.desc()).limit(limit)
-        return [self._to_commit(row) for row in self._run(lambda: list(query.tuples()))]
+        rows = self._run(lambda: self.database.execute_sql(*query.sql()).fetchall())
+        return [self._to_commit(row) for row in rows]
 
     def _heads(self, include_empty: bool) -> dict[str, Commit]:
-        query = self._row.select(*self._fields).where(self._row.is_head == True)  # noqa: E712
-        if not include_empty:
-            query = query.where(self._row.is_empty == False)  # noqa: E712
-        rows = self._run(lambda: list(query.tuples()))
+        if include_empty:
+            sql, params = self._sql["heads"], (True,)
+        else:
+            sql, params = self._sql["heads_non_empty"], (True, False)
+        rows = self._run(lambda: self.database.execute_sql(sql, params).fetchall())
         return {commit.key: commit for commit in map(self._to_commit, rows)}
 
     # ------------------------------------------------------------------ writes
@@ -223,47 +252,48 @@ class DbCommitStorage:
 
         def attempt() -> None:
             nonlocal retried
-            try:
-                self._insert(commit)
-            except IntegrityError as exc:
-                # A lost race (or a retry of a save whose COMMIT reply was lost with the
-                # connection): the unique (key, version) refuses the duplicate.
-                if retried and self.get(commit.key, commit.version) == commit:
+            for deadlocks in range(_DEADLOCK_RETRIES + 1):
+                try:
+                    self._insert(commit)
                     return
-                raise self._ordering_error(commit) from exc
-            except OperationalError as exc:
-                if _error_code(exc) in _LOST_RACE_CODES:
+                except (IntegrityError, _NotNextVersion) as exc:
+                    # Not the next version, or a lost race; or the retry of a save whose COMMIT
+                    # reply was lost with the connection, in which case the commit is stored.
+                    if retried and self.get(commit.key, commit.version) == commit:
+                        return
                     raise self._ordering_error(commit) from exc
-                retried = True
-                raise
+                except OperationalError as exc:
+                    code = _error_code(exc)
+                    if code == _DEADLOCK and deadlocks < _DEADLOCK_RETRIES:
+                        # Writers of *different* keys deadlock too (next-key locks of the
+                        # unique index's duplicate check). InnoDB rolled this one back, so
+                        # running it again is safe, and it decides whether it really is late.
+                        log.debug("Deadlock saving %s version %s; retrying", commit.key,
+                                  commit.version)
+                        continue
+                    if code in _LOST_RACE_CODES:
+                        raise self._ordering_error(commit) from exc
+                    retried = True
+                    raise
 
         self._run(attempt)
 
     def _insert(self, commit: Commit) -> None:
-        row = self._row
-        # SQLite: BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the busy
-        # handler instead of both reading, then one failing with "database is locked". MySQL:
-        # no locking read (SELECT ... FOR UPDATE deadlocks on new keys under REPEATABLE READ);
-        # the primary key settles races.
+        execute = self.database.execute_sql
+        key = commit.key.encode("utf-8")
+        # SQLite: BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
+        # busy handler instead of both reading, then one failing with "database is locked".
+        # MySQL: no SELECT ... FOR UPDATE (it deadlocks on new keys under REPEATABLE READ); the
+        # retiring UPDATE is the version check, and for version 1 the unique index is.
         with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
-            head = (
-                row.select(peewee.fn.MAX(row.version)).where(row.key == commit.key).scalar() or 0
-            )
-            check_next_version(commit, head)
-            row.insert(
-                key=commit.key,
-                version=commit.version,
-                author=commit.author,
-                comment=commit.comment,
-                mtime=commit.mtime,
-                is_empty=commit.empty,
-                is_head=True,
-                payload=commit.payload,
-            ).execute()
-            if head:
-                row.update(is_head=False).where(
-                    (row.key == commit.key) & (row.version == head)
-                ).execute()
+            if commit.version > 1:
+                retired = execute(self._sql["retire_head"], (False, True, key, commit.version - 1))
+                if retired.rowcount != 1:
+                    raise _NotNextVersion()
+            execute(self._sql["insert"], (
+                key, commit.version, commit.author, commit.comment,
+                self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
+            ))
 
     def _ordering_error(self, commit: Commit) -> CommitOrderingError:
         head = self.get(commit.key)
@@ -299,10 +329,31 @@ class DbCommitStorage:
             log.debug("Ignoring error while closing a broken connection", exc_info=True)
             self.database._state.reset()
 
-    @staticmethod
-    def _to_commit(row: tuple) -> Commit:
+    def _to_commit(self, row: tuple) -> Commit:
         key, version, author, comment, mtime, is_empty, payload = row
-        return Commit(key, version, None if is_empty else payload, author, comment, mtime)
+        return Commit(
+            bytes(key).decode("utf-8"),
+            version,
+            None if is_empty else bytes(payload),
+            author,
+            comment,
+            self._from_db_mtime(mtime),
+        )
+
+
+class _NotNextVersion(Exception):
+    """The version before the commit's is not the key's head (or the key has no head)."""
+
+
+# The column order of the "insert" statement and of its parameters.
+_INSERT_COLUMNS = (
+    "key", "version", "author", "comment", "mtime", "is_empty", "is_head", "payload",
+)
+
+
+def _sql(query: peewee.Query) -> str:
+    """``query`` rendered once in its database's dialect; executed later with fresh parameters."""
+    return query.sql()[0]
 
 
 def _error_code(exc: Exception) -> int | None:
