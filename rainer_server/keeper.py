@@ -18,24 +18,24 @@ from __future__ import annotations
 
 import enum
 import logging
-import queue
 import threading
 import time
-import types
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING
 from typing import Any
 
+import immutables
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadArgumentsError
 from kazoo.exceptions import BadVersionError
 from kazoo.exceptions import KazooException
 from kazoo.exceptions import NodeExistsError
 from kazoo.exceptions import NoNodeError
-from kazoo.recipe.watchers import ChildrenWatch
-from kazoo.recipe.watchers import DataWatch
+from kazoo.protocol.states import EventType
+from kazoo.protocol.states import KazooState
 from kazoo.retry import KazooRetry
 
 from rainer_server.commit import Commit
@@ -58,9 +58,13 @@ DEFAULT_MAX_ZNODE_BYTES = 1_000_000
 #: not hang on an unreachable ensemble: the auto-publisher repairs whatever they skip.
 DEFAULT_TIMEOUT = 2.0
 
-#: Threads a mirror uses to register per-key watches (each registration is a round trip).
-MIRROR_WATCH_THREADS = 4
-
+#: Least seconds between two listings of ``data/`` while keys are being created or deleted.
+CHILDREN_RELIST_INTERVAL = 0.05
+#: At most this share of a mirror's time goes to listing ``data/`` during a burst: a listing
+#: of 100k names takes ~0.1 s, so new keys then show up within about a second...
+CHILDREN_LISTING_SHARE = 0.1
+#: ...and never later than this.
+CHILDREN_RELIST_MAX_INTERVAL = 1.0
 
 
 def make_kazoo_client(hosts: str, session_timeout: float = 10.0, **kwargs: Any) -> KazooClient:
@@ -156,6 +160,9 @@ class CommitKeeper:
         self.election_path = _join(self.base_path, "election")
         self.timeout = timeout
         self.max_znode_bytes = max_znode_bytes
+        # A worker's first writes race its client's first connection (started in the
+        # background): until then, calls wait for it, at most ``timeout`` after this point.
+        self._first_connect_deadline = time.monotonic() + timeout
 
     def __repr__(self) -> str:
         return f"CommitKeeper({self.base_path!r})"
@@ -345,6 +352,8 @@ class CommitKeeper:
         # kazoo queues requests while disconnected and its synchronous calls then block until
         # the connection is back. Failing fast here (and bounding every wait below) is what
         # keeps a writer from hanging on an unreachable ensemble.
+        while not self.client.connected and time.monotonic() < self._first_connect_deadline:
+            time.sleep(0.01)
         if not self.client.connected:
             raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
         return time.monotonic() + self.timeout
@@ -399,28 +408,66 @@ class CommitKeeper:
 
 
 class _KeyWatch:
-    """One key's DataWatch registration; identity tells a live watch from a retired one."""
+    """One key's watch; identity tells a live watch from a retired one.
 
-    __slots__ = ("key", "watch", "initial")
+    Not kazoo's DataWatch: that costs ~1 KiB per key, a blocking round trip to register, and a
+    new thread per key on every reconnect (100k keys: 100k threads at once).
+    """
 
-    def __init__(self, key: str, initial: bool) -> None:
+    __slots__ = ("key", "path", "initial", "retired", "stale", "on_event")
+
+    def __init__(self, key: str, path: str, initial: bool) -> None:
         self.key = key
-        self.watch: DataWatch | None = None
+        self.path = path
         self.initial = initial
+        self.retired = False
+        #: The last read failed (connection lost): read again once connected.
+        self.stale = False
+        # One callable per key for its whole life: kazoo keeps watchers in a set.
+        self.on_event: Callable[[Any], None] = lambda event: None
 
 
-_EMPTY_VIEW: Mapping[str, Commit] = types.MappingProxyType({})
+class MirrorView(Mapping[str, Commit]):
+    """A mirror's snapshot: key -> commit, read-only, equal to any mapping with its items.
+
+    Wraps a persistent map (``immutables.Map``), whose own ``==`` only knows other Maps.
+    """
+
+    __slots__ = ("_commits",)
+
+    def __init__(self, commits: immutables.Map[str, Commit]) -> None:
+        self._commits = commits
+
+    def __getitem__(self, key: str) -> Commit:
+        return self._commits[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._commits.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._commits
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._commits)
+
+    def __len__(self) -> int:
+        return len(self._commits)
+
+    def __repr__(self) -> str:
+        return f"MirrorView({dict(self._commits)!r})"
+
+
+_EMPTY_VIEW: Mapping[str, Commit] = MirrorView(immutables.Map())
 
 
 class CommitMirror:
     """A live, immutable view of every parseable znode under a keeper's ``data/``.
 
-    Driven by a ``ChildrenWatch`` on ``data/`` and one ``DataWatch`` per key. Each change
-    replaces ``current`` with a new read-only mapping, so a reader holding one mapping sees a
-    consistent snapshot, and notifies subscribers.
-
-    Registering a DataWatch costs a blocking round trip, so it never happens on kazoo's
-    callback thread: the children callback only queues keys for the mirror's worker threads.
+    Driven by a watched listing of ``data/`` (its own thread, see ``_list_children``) and a
+    watched read of each key (asynchronous: answers and watch events arrive on kazoo's thread,
+    which only parses and swaps in-memory state). Each change replaces ``current`` with a new
+    read-only mapping, so a reader holding one mapping sees a consistent snapshot, and
+    notifies subscribers. After a session loss (watches gone) every key is read again.
     """
 
     def __init__(self, keeper: CommitKeeper) -> None:
@@ -428,15 +475,18 @@ class CommitMirror:
         self.client = keeper.client
         self.data_path = keeper.data_path
         self._lock = threading.RLock()
-        self._commits: dict[str, Commit] = {}
+        # A persistent map: a change makes a new one in O(log n), sharing the rest, so the
+        # view handed to readers is never copied (a dict copy of 100k keys per change made
+        # every commit, and a first publish, cost O(keys)).
+        self._commits: immutables.Map[str, Commit] = immutables.Map()
         self._unparseable: set[str] = set()
         self._watches: dict[str, _KeyWatch] = {}
         self._current: Mapping[str, Commit] = _EMPTY_VIEW
         self._subscribers: list[Callable[[Mapping[str, Commit]], object]] = []
-        self._tasks: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._children_watch: ChildrenWatch | None = None
-        self._path_watch: DataWatch | None = None
+        self._session_lost = False
+        self._children_thread: threading.Thread | None = None
+        # Set by a children (or path-creation) watch, and by close() to wake the lister.
+        self._children_changed = threading.Event()
         # Keys listed by the first children callback whose first data callback is still due.
         self._awaiting: set[str] | None = None
         self._initialized = threading.Event()
@@ -445,6 +495,9 @@ class CommitMirror:
         self._started = False
         #: ``time.monotonic()`` of the last change to ``current`` (``None``: not initialized).
         self.last_update: float | None = None
+        #: How many times ``data/`` has been listed: about one per burst of created or deleted
+        #: keys, not one per key.
+        self.listings = 0
 
     def __repr__(self) -> str:
         return f"CommitMirror({self.data_path!r}, {len(self._current)} commits)"
@@ -503,14 +556,11 @@ class CommitMirror:
             if self._started:
                 return
             self._started = True
-        for number in range(MIRROR_WATCH_THREADS):
-            thread = threading.Thread(
-                target=self._work, name=f"rainer-mirror-{number}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-        # The first children read (and ensuring data/ exists) blocks on ZooKeeper too.
-        self._tasks.put(self._watch_children)
+        self.client.add_listener(self._on_state)
+        self._children_thread = threading.Thread(
+            target=self._list_children, name="rainer-mirror-children", daemon=True
+        )
+        self._children_thread.start()
 
     def close(self) -> None:
         """Stop watching; ``current`` keeps its last value."""
@@ -519,107 +569,155 @@ class CommitMirror:
                 return
             self._closed = True
             self._closing.set()
-            watches: list[DataWatch | ChildrenWatch] = [
-                kw.watch for kw in self._watches.values() if kw.watch is not None
-            ]
+            self._children_changed.set()
+            for kw in self._watches.values():
+                kw.retired = True  # its pending watch, when it fires, does nothing
             self._watches.clear()
             self._subscribers.clear()
-            watches += [w for w in (self._children_watch, self._path_watch) if w is not None]
-        for _ in self._threads:
-            self._tasks.put(None)
-        for watch in watches:
-            self._retire(watch)
-        # Workers blocked in a watch registration (kazoo waits for a reconnect) must not hold
-        # up a shutdown: they are daemons, and what they register now retires itself.
-        deadline = time.monotonic() + 1.0
-        current = threading.current_thread()
-        for thread in self._threads:
-            if thread is not current:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.client.remove_listener(self._on_state)
+        # The lister may wait on ZooKeeper for up to the keeper's timeout: it is a daemon, and
+        # what it finds now is dropped.
+        thread = self._children_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
 
-    # ------------------------------------------------------------------ workers
+    # ------------------------------------------------------------------ watching
 
-    def _work(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None or self._closed:
-                return
-            try:
-                task()
-            except Exception:
-                # A watch that could not be registered (client closed, ...) must not kill the
-                # worker: the others keep the view going.
-                log.exception("Mirror of %s: watch registration failed", self.data_path)
+    def _list_children(self) -> None:
+        """List ``data/`` with a watch, hand the names to ``_on_children``, repeat on change.
 
-    def _watch_children(self) -> None:
-        # A ChildrenWatch on a missing path silently watches nothing, hence data/ first. The
-        # mirror may be opened (or ZooKeeper may go away) at any time: retry until it works.
+        Not kazoo's ChildrenWatch: that re-lists on every single child event, so a burst of N
+        new keys (a first publisher pass) costs O(N^2) names read and compared (10k keys: ~8k
+        listings, over a minute of CPU). Here a change is listed at once unless the previous
+        listing is recent (``CHILDREN_RELIST_INTERVAL``, longer for long listings, see
+        ``CHILDREN_LISTING_SHARE``): a lone new key appears within a round trip, a burst costs
+        a few listings per second.
+
+        Session loss fires the watch too (kazoo resets watchers), so the keys created while
+        the session was gone are found by the listing after the reconnect. While ``data/``
+        is missing (never created, or an operator's ``deleteall``) the view is empty and an
+        ``exists`` watch waits for it to appear. The first listing creates ``data/`` as the
+        original's mirror does, so writers of other clients can create keys in it.
+        """
         pause = 0.1
-        while not self._closing.is_set():
-            if self.client.connected:
-                try:
-                    deadline = time.monotonic() + self.keeper.timeout
+        ensured = False
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                changed = self._children_changed = threading.Event()
+
+            def on_event(event: Any, changed: threading.Event = changed) -> None:
+                changed.set()
+
+            listed_at = time.monotonic()
+            try:
+                deadline = listed_at + self.keeper.timeout
+                if not ensured:
                     self.keeper._wait(self.client.ensure_path_async(self.data_path), deadline)
-                    break
-                except KeeperError as exc:
-                    log.warning("Mirror of %s: cannot create the path yet: %s", self.data_path, exc)
-            self._closing.wait(pause)
-            pause = min(pause * 2, 1.0)
-        else:
-            return
-        self._start_children_watch()
-        # kazoo's ChildrenWatch stops for good when its path is deleted (an operator's
-        # ``deleteall``). Watching the path itself tells when to start a new one.
-        path_watch = DataWatch(self.client, self.data_path, self._on_data_path)
-        with self._lock:
-            self._path_watch = path_watch
-            if self._closed:
-                self._retire(path_watch)
+                    ensured = True
+                try:
+                    children = self.keeper._wait(
+                        self.client.get_children_async(self.data_path, watch=on_event), deadline
+                    )
+                except NoNodeError:
+                    children = []
+                    exists = self.client.exists_async(self.data_path, watch=on_event)
+                    if self.keeper._wait(exists, deadline) is not None:
+                        changed.set()  # created in between: list it right away
+            except KeeperError as exc:
+                log.warning("Mirror of %s: cannot list keys yet: %s", self.data_path, exc)
+                self._closing.wait(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            pause = 0.1
+            self.listings += 1
+            new = self._on_children(children)
+            took = time.monotonic() - listed_at
+            interval = min(
+                max(CHILDREN_RELIST_INTERVAL, took / CHILDREN_LISTING_SHARE),
+                CHILDREN_RELIST_MAX_INTERVAL,
+            )
+            # After timing the listing: issuing 100k first reads is not a cost of listing.
+            for kw in new:
+                self._read_key(kw)
+            changed.wait()
+            self._closing.wait(max(0.0, listed_at + interval - time.monotonic()))
 
-    def _start_children_watch(self) -> None:
-        watch = ChildrenWatch(self.client, self.data_path, self._on_children)
-        with self._lock:
-            self._children_watch = watch
-            if self._closed:
-                self._retire(watch)
+    def _read_key(self, kw: _KeyWatch) -> None:
+        """Read ``kw``'s znode and leave a watch on it; the answer comes to ``_on_read``."""
+        if not kw.retired:
+            self.client.get_async(kw.path, watch=kw.on_event).rawlink(partial(self._on_read, kw))
 
-    def _watch_key(self, kw: _KeyWatch) -> None:
+    def _reread(self, everything: bool) -> None:
+        """Read again every key (the session was lost, and its watches with it) or the stale."""
         with self._lock:
-            if self._closed or self._watches.get(kw.key) is not kw:
-                return  # removed again before its turn came
-        # The DataWatch calls _on_data once right here, on this thread, then on kazoo's.
-        watch = DataWatch(self.client, self.keeper.znode(kw.key), partial(self._on_data, kw))
-        with self._lock:
-            kw.watch = watch
-            if self._closed or self._watches.get(kw.key) is not kw:
-                self._retire(watch)
-
-    @staticmethod
-    def _retire(watch: DataWatch | ChildrenWatch) -> None:
-        # kazoo offers no public way to stop a watch except returning False from its function,
-        # which only happens when the znode next changes. Stopping it the way that return does
-        # keeps retired watches from refetching on every reconnect.
-        watch._stopped = True
-        try:
-            watch._client.remove_listener(watch._session_watcher)
-        except (AttributeError, KeyError, ValueError):
-            pass
+            keys = [kw for kw in self._watches.values() if everything or kw.stale]
+        for kw in keys:
+            kw.stale = False
+            self._read_key(kw)
+        if keys:
+            log.info("Mirror of %s: reading %d keys again after reconnecting", self.data_path,
+                     len(keys))
 
     # ------------------------------------------------------------------ kazoo callbacks
 
-    def _on_children(self, children: list[str]) -> bool | None:
-        """ChildrenWatch callback: start watching new keys, forget removed ones."""
+    def _on_key_event(self, kw: _KeyWatch, event: Any) -> None:
+        """A key's watch fired: read it again, which also leaves the next watch."""
+        # NONE: the session is gone (kazoo fires every watch); _on_state reads all keys again.
+        if not kw.retired and event.type != EventType.NONE:
+            self._read_key(kw)
+
+    def _on_read(self, kw: _KeyWatch, result: Any) -> None:
+        try:
+            data, _stat = result.get()
+        except NoNodeError:
+            # Deleted (the next listing forgets it) or not created yet. A read leaves no watch
+            # on a missing znode; ``exists`` does, so a re-creation is seen.
+            self._on_data(kw, None)
+            if not kw.retired:
+                self.client.exists_async(kw.path, watch=kw.on_event).rawlink(
+                    partial(self._on_exists, kw)
+                )
+            return
+        except Exception as exc:  # connection lost: read again once connected
+            kw.stale = True
+            log.debug("Mirror of %s: reading %s failed: %r", self.data_path, kw.key, exc)
+            return
+        self._on_data(kw, data)
+
+    def _on_exists(self, kw: _KeyWatch, result: Any) -> None:
+        try:
+            stat = result.get()
+        except Exception:
+            kw.stale = True
+            return
+        if stat is not None:
+            self._read_key(kw)  # created between the failed read and this check
+
+    def _on_state(self, state: str) -> None:
+        """Connection listener: after a reconnect, read what the outage may have hidden."""
+        if state == KazooState.LOST:
+            self._session_lost = True
+        elif state == KazooState.CONNECTED and not self._closed:
+            everything, self._session_lost = self._session_lost, False
+            # Not on kazoo's thread: with 100k keys, issuing the reads takes a while.
+            threading.Thread(
+                target=self._reread, args=(everything,), name="rainer-mirror-reread", daemon=True
+            ).start()
+
+    def _on_children(self, children: list[str]) -> list[_KeyWatch]:
+        """A listing of ``data/``: forget removed keys; return the new ones, to be read."""
         with self._lock:
             if self._closed:
-                return False
+                return []
             listed = set(children)
             changed = False
             for key in [key for key in self._watches if key not in listed]:
-                kw = self._watches.pop(key)
-                if kw.watch is not None:
-                    self._retire(kw.watch)
+                self._watches.pop(key).retired = True
                 self._unparseable.discard(key)
-                if self._commits.pop(key, None) is not None:
+                if key in self._commits:
+                    self._commits = self._commits.delete(key)
                     changed = True
                     log.info("Commit removed: %s", key)
                 if self._awaiting is not None:
@@ -627,44 +725,30 @@ class CommitMirror:
             first = self._awaiting is None
             if first:
                 self._awaiting = set(listed)
-            for key in listed:
-                if key not in self._watches:
-                    kw = _KeyWatch(key, initial=first)
-                    self._watches[key] = kw
-                    self._tasks.put(partial(self._watch_key, kw))
+            new = [
+                _KeyWatch(key, self.keeper.znode(key), initial=first)
+                for key in listed
+                if key not in self._watches
+            ]
+            for kw in new:
+                kw.on_event = partial(self._on_key_event, kw)
+                self._watches[kw.key] = kw
             if changed:
                 self._publish()
             self._check_initialized()
-        return None
+        return new
 
-    def _on_data_path(self, data: bytes | None, stat: Any, event: Any = None) -> bool | None:
-        """DataWatch callback for ``data/`` itself: revive the children watch after a re-create.
-
-        Ordering makes this safe: a ChildrenWatch that found ``data/`` gone did so on kazoo's
-        callback thread before the re-creation's event could be handled here.
-        """
-        with self._lock:
-            if self._closed:
-                return False
-            watch = self._children_watch
-            if stat is not None and watch is not None and watch._stopped:
-                log.warning("Mirror of %s: path re-created, watching it again", self.data_path)
-                self._children_watch = None
-                self._tasks.put(self._start_children_watch)
-        return None
-
-    def _on_data(
-        self, kw: _KeyWatch, data: bytes | None, stat: Any, event: Any = None
-    ) -> bool | None:
-        """DataWatch callback for one key: parse and swap the view. No ZooKeeper calls here."""
+    def _on_data(self, kw: _KeyWatch, data: bytes | None) -> None:
+        """A key's znode (``None``: absent): parse and swap the view. No ZooKeeper calls here."""
         with self._lock:
             if self._closed or self._watches.get(kw.key) is not kw:
-                return False  # a retired registration: stop this DataWatch
+                return  # retired since the read was sent
             key = kw.key
             changed = False
             if data is None:
                 self._unparseable.discard(key)
-                if self._commits.pop(key, None) is not None:
+                if key in self._commits:
+                    self._commits = self._commits.delete(key)
                     changed = True
                     log.info("Commit removed: %s", key)
             else:
@@ -679,12 +763,14 @@ class CommitMirror:
                         exc,
                         _trim(data),
                     )
-                    changed = self._commits.pop(key, None) is not None
+                    if key in self._commits:
+                        self._commits = self._commits.delete(key)
+                        changed = True
                 else:
                     self._unparseable.discard(key)
                     previous = self._commits.get(key)
                     if previous != commit:
-                        self._commits[key] = commit
+                        self._commits = self._commits.set(key, commit)
                         changed = True
                         if self.initialized:
                             log.info(
@@ -698,7 +784,6 @@ class CommitMirror:
                 self._check_initialized()
             elif changed:
                 self._publish()
-        return None
 
     # ------------------------------------------------------------------ view
 
@@ -715,7 +800,7 @@ class CommitMirror:
         # Called with the lock held, so subscribers see the views in order.
         if not (force or self.initialized):
             return
-        view: Mapping[str, Commit] = types.MappingProxyType(dict(self._commits))
+        view = MirrorView(self._commits)
         self._current = view
         self.last_update = time.monotonic()
         for fn in list(self._subscribers):
@@ -736,6 +821,7 @@ __all__ = [
     "CommitKeeper",
     "CommitMirror",
     "CommitTooLarge",
+    "MirrorView",
     "SaveResult",
     "make_kazoo_client",
     "parse_znode",

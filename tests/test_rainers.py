@@ -128,10 +128,13 @@ def test_keeper_publishing_fails_fast_without_a_connection(zk_chroot, caplog):
     from rainer_server.keeper import CommitKeeper
 
     never_started = make_kazoo_client(zk_chroot)
-    storage = keeper_publishing(MemoryCommitStorage(), CommitKeeper(never_started, BASE))
+    keeper = CommitKeeper(never_started, BASE, timeout=0.3)
+    storage = keeper_publishing(MemoryCommitStorage(), keeper)
     with caplog.at_level(logging.WARNING, logger="rainer_server.storage.publishing"):
-        assert timed_save(storage, make_commit()) < 0.5
-    assert storage.get("what") == make_commit()
+        # The first save waits out the keeper's first-connect window, bounded by its timeout.
+        assert timed_save(storage, make_commit()) < 0.6
+        assert timed_save(storage, make_commit(version=2)) < 0.1
+    assert storage.get("what") == make_commit(version=2)
     assert "the auto-publisher will retry" in caplog.text
     never_started.close()
 
