@@ -229,6 +229,7 @@ class AutoPublisher:
             (``aborted``). Defaults to "the client is connected".
         """
         fence = may_write or (lambda: self.client.connected)
+        failure: Exception | None = None
         with self._pass_lock:
             started = self._clock()
             counts = PublishCounts()
@@ -236,12 +237,18 @@ class AutoPublisher:
                 heads = self.storage.heads()
                 mirror = self._get_mirror(fence)
                 self._publish_heads(heads, mirror, fence, counts)
+            except Exception as exc:
+                # E.g. the database is down: an aborted pass, which listeners (metrics) see too.
+                counts.aborted = True
+                failure = exc
             finally:
                 counts.duration = self._clock() - started
                 self.passes += 1
                 self.last_counts = counts
                 self.last_pass = self._clock()
         self._notify(self.pass_listeners, counts)
+        if failure is not None:
+            raise failure
         level = (
             logging.INFO
             if counts.written or counts.refused or counts.failed or counts.aborted

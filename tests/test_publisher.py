@@ -181,6 +181,25 @@ def test_fenced_pass_writes_nothing(keeper, storage):
         publisher.close()
 
 
+def test_a_pass_that_cannot_read_the_database_is_an_aborted_pass(keeper):
+    from rainer_server.errors import StorageUnavailable
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    # Port 9 (discard) on loopback refuses at once.
+    unreachable = DbCommitStorage(open_database("mysql://root@127.0.0.1:9/rainer"))
+    publisher = AutoPublisher(keeper.client, keeper, unreachable)
+    seen = []
+    publisher.pass_listeners.append(seen.append)
+    try:
+        with pytest.raises(StorageUnavailable):
+            publisher.publish_all()
+        assert len(seen) == 1 and seen[0].aborted and seen[0].written == 0
+        assert publisher.passes == 1 and publisher.last_counts is seen[0]
+    finally:
+        publisher.close()
+
+
 def test_publishes_at_once_without_delay_and_leaves_on_close(keeper, storage, publishers):
     save_history(storage, make_commit("a", 3), make_commit("b", 1))
     publisher = keeper.auto_publisher(storage, period=PERIOD, fuzz=0.2, delay=False)
