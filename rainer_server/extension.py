@@ -66,6 +66,8 @@ class Rainer:
         api.register(app, self.settings.url_prefix)
         # /healthz, /readyz, /metrics: on the app, outside the API prefix.
         app.register_blueprint(health.bp)
+        mirror_reads = api.MirrorReads(app.wsgi_app, app, self, self.settings.url_prefix)
+        app.wsgi_app = health.RequestMetrics(mirror_reads)  # type: ignore[method-assign]
         app.cli.add_command(admin.rainer_cli)
 
     # ------------------------------------------------------------------ storage

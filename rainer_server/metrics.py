@@ -76,14 +76,22 @@ class RainerMetrics:
         for reason in ("too_large", "malformed", "schema"):
             self.payloads_rejected.labels(reason)
         self._zookeeper: ZooKeeperMetrics | None = None
+        # As bounded as the series themselves: known methods, the app's routes and statuses.
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
 
     # ------------------------------------------------------------------ HTTP
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        # The labelled children are looked up once per (method, route, status): .labels()
+        # takes a lock and validates its arguments, a cost paid on every cached read.
         method = method if method in _METHODS else "other"
-        labels = (method, route, str(status))
-        self.requests.labels(*labels).inc()
-        self.request_seconds.labels(*labels).observe(seconds)
+        children = self._request_children.get((method, route, status))
+        if children is None:
+            labels = (method, route, str(status))
+            children = (self.requests.labels(*labels), self.request_seconds.labels(*labels))
+            self._request_children[(method, route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     # ------------------------------------------------------------------ ZooKeeper
 

@@ -65,7 +65,11 @@ def test_writes_reach_zookeeper_and_reads_come_from_the_mirror(zk_app, zk):
     for url in ("/diary", "/diary/svc", "/diary/svc/meta"):
         r = client.get(url)
         assert r.status_code == 200 and r.headers.get("X-Rainer-Cached") == "Yes", url
-    assert client.get("/diary/svc").data == b'{"threads": 4}'
+    r = client.get("/diary/svc")
+    assert r.data == b'{"threads": 4}' and r.headers["Content-Length"] == "14"
+    r = client.head("/diary/svc")
+    assert r.status_code == 200 and r.data == b"" and r.headers["X-Rainer-Cached"] == "Yes"
+    assert r.headers["Content-Length"] == "14" and r.headers["X-Rainer-Version"] == "1"
     for url in ("/diary?all=yes", "/diary/svc/1", "/diary/svc/1/meta", "/diary/svc/history"):
         r = client.get(url)
         assert r.status_code == 200 and "X-Rainer-Cached" not in r.headers, url
@@ -98,6 +102,66 @@ def test_a_new_key_is_readable_at_once_even_before_the_mirror_sees_it(zk_app):
     for version in range(1, 6):
         assert client.post(f"/diary/fresh/{version}", data=b"{}", headers=AUTHOR).status_code == 200
         assert client.get("/diary/fresh/meta").get_json()["version"] >= version - 1
+
+
+def mirror_backed(app, client, key: str) -> None:
+    rainer = app.extensions["rainer"]
+    client.get("/diary")
+    wait_for(lambda: rainer.cached_view() is not None and key in rainer.mirror.current,
+             message=f"{key} in the mirror")
+
+
+def test_mirror_reads_without_flask_answer_exactly_as_the_flask_view(zk_app):
+    client = zk_app.test_client()
+    body = '"é"'.encode()
+    assert client.post("/diary/caf%C3%A9/1", data=body, headers=AUTHOR).status_code == 200
+    mirror_backed(zk_app, client, "café")
+    fast = client.get("/diary/caf%C3%A9")
+    flask = client.get("/diary/caf%C3%A9?via=flask")  # a query string goes through Flask
+    assert fast.status_code == flask.status_code == 200
+    assert fast.data == flask.data == body
+    assert sorted(fast.headers.items()) == sorted(flask.headers.items())
+    assert fast.headers["X-Rainer-Cached"] == "Yes" and fast.headers["X-Rainer-Key"] == "caf%C3%A9"
+    assert fast.headers["X-Rainer-Header-Encoding"] == "percent"
+    # Counted under the route, as Flask-served requests are.
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/diary/<key>",status="200"' in metrics
+    # Whatever the mirror cannot answer still gets Flask's answer.
+    assert client.get("/diary/missing").status_code == 404
+    assert client.get("/diary/%2E%2E").status_code in (400, 404)
+
+
+def test_request_hooks_see_mirror_reads_too(zk_app):
+    @zk_app.after_request
+    def stamp(response):
+        response.headers["X-Hooked"] = "yes"
+        return response
+
+    client = zk_app.test_client()
+    assert client.post("/diary/hooked/1", data=b"{}", headers=AUTHOR).status_code == 200
+    mirror_backed(zk_app, client, "hooked")
+    r = client.get("/diary/hooked")
+    assert r.headers["X-Rainer-Cached"] == "Yes" and r.headers["X-Hooked"] == "yes"
+
+
+def test_a_key_named_like_an_operational_route_does_not_shadow_it(zk_chroot, tmp_path):
+    app = create_app(
+        {
+            "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/root.db",
+            "RAINER_ZK_HOSTS": zk_chroot,
+            "RAINER_URL_PREFIX": "",
+        }
+    )
+    try:
+        client = app.test_client()
+        assert client.post("/healthz/1", data=b"{}", headers=AUTHOR).status_code == 200
+        assert client.post("/other/1", data=b"{}", headers=AUTHOR).status_code == 200
+        mirror_backed(app, client, "healthz")
+        wait_for(lambda: "other" in app.extensions["rainer"].mirror.current, message="other")
+        assert client.get("/healthz").get_json()["status"] == "ok"
+        assert client.get("/other").headers["X-Rainer-Cached"] == "Yes"
+    finally:
+        app.extensions["rainer"].close()
 
 
 def test_writes_succeed_quickly_while_zookeeper_is_unreachable(tmp_path):
