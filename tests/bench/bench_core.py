@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,13 @@ sys.path.insert(0, str(BENCH))
 
 from floors import BASE_MTIME  # noqa: E402  (after the path set-up)
 from floors import key_name  # noqa: E402
+from keeper_support import Children  # noqa: E402
+from keeper_support import Gunicorn  # noqa: E402
+from keeper_support import WrkResult  # noqa: E402
+from keeper_support import busy_seconds  # noqa: E402
+from keeper_support import children_cpu  # noqa: E402
+from keeper_support import parse_wrk  # noqa: E402
+from keeper_support import proc_stat  # noqa: E402
 from floors import make_payload  # noqa: E402
 
 TABLES = {
@@ -202,25 +208,15 @@ def check_post_history(db_url: str, table: str, check_heads: bool) -> str | None
     return None
 
 
-def time_heads_in_process(db_url: str, repeat: int = 7,
-                          prototypes: bool = False) -> dict[str, dict[str, float]]:
-    """Uncached storage.heads() and heads_token() on shallow vs deep, median ms.
-
-    With ``prototypes``, also on ``deep_heads``: the deep heads alone in a table of their own
-    (the proposed fix: a compact heads table maintained by save()).
-    """
+def time_heads_in_process(db_url: str, repeat: int = 7) -> dict[str, dict[str, float]]:
+    """Uncached storage.heads() and heads_token() on shallow vs deep, median ms."""
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
 
     database = open_database(db_url)
     out = {}
-    tables = ["shallow", "deep"]
     try:
-        if prototypes:
-            DbCommitStorage(database, "deep_heads").start()
-            database.execute_sql("INSERT INTO deep_heads SELECT * FROM deep WHERE is_head = 1")
-            tables.append("deep_heads")
-        for table in tables:
+        for table in ("shallow", "deep"):
             storage = DbCommitStorage(database, table)
             for name, fn, n in (("heads", storage.heads, repeat),
                                 ("heads_token", storage.heads_token, 10 * repeat)):
@@ -236,77 +232,6 @@ def time_heads_in_process(db_url: str, repeat: int = 7,
     return out
 
 
-# ====================================================================== gunicorn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Gunicorn:
-    running: list[Gunicorn] = []
-
-    def __init__(self, app: str, env: dict[str, str], workers: int, log_dir: Path) -> None:
-        self.app = app
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"gunicorn-{app.replace(':', '-')}-{self.port}.log"
-        self.log = open(self.log_path, "w+b")
-        command = [
-            sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py",
-            "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-            "--pythonpath", str(BENCH), app,
-        ]
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: Ctrl-C goes to us, we stop it
-        )
-        Gunicorn.running.append(self)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn {self.app} exited:\n{self.output()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"gunicorn {self.app} not listening:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self in Gunicorn.running:
-            Gunicorn.running.remove(self)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # graceful: the master stops its workers
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        # Whatever is left of this server's own process group (a stuck worker).
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-        self.log.close()
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for server in list(cls.running):
-            try:
-                server.stop()
-            except Exception as exc:  # keep stopping the others
-                print(f"warning: stopping {server.app}: {exc}", file=sys.stderr)
-
-
 def service_env(db_url: str, table: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
     env.update(RAINER_DATABASE_URL=db_url, RAINER_TABLE=table, PYTHONDONTWRITEBYTECODE="1")
@@ -314,46 +239,6 @@ def service_env(db_url: str, table: str) -> dict[str, str]:
 
 
 # ====================================================================== wrk
-
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _to_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
-    if not match:
-        raise ValueError(f"unparsable wrk latency {text!r}")
-    return float(match.group(1)) * _UNITS_MS[match.group(2)]
-
-
-@dataclass
-class WrkResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    non2xx: int
-    socket_errors: int
-    raw: str = field(repr=False, default="")
-
-
-def parse_wrk(output: str) -> WrkResult:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    p50 = _to_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))
-    p99 = _to_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))
-    requests = int(re.search(r"(\d+) requests in", output).group(1))
-    non2xx_match = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    sockets = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
-    return WrkResult(
-        rps=rps,
-        p50_ms=p50,
-        p99_ms=p99,
-        requests=requests,
-        non2xx=int(non2xx_match.group(1)) if non2xx_match else 0,
-        socket_errors=sum(map(int, sockets.groups())) if sockets else 0,
-        raw=output,
-    )
 
 
 def run_wrk(url: str, script: str | None, script_args: list[str], duration: float,
@@ -394,7 +279,7 @@ class Scenario:
     slow: bool = False
 
 
-def scenarios(connections: int, threads: int, prototypes: bool = False) -> list[Scenario]:
+def scenarios(connections: int, threads: int) -> list[Scenario]:
     # Each thread cycles over `pool` keys; version v of a key goes out `pool` requests after
     # version v-1, when at most connections/threads requests of that thread are in flight.
     pool = str(max(200, 25 * math.ceil(connections / threads)))
@@ -407,7 +292,6 @@ def scenarios(connections: int, threads: int, prototypes: bool = False) -> list[
     post_probe = ("POST", "/diary/probe-{tag}/1")
     next_args = ["{tag}", "next", pool]
     new_args = ["{tag}", "new", pool]
-    proto = "variants:rainer_proto"
     out = [
         Scenario("floor_a", "(a) bare WSGI bytes", "get-head", "floors:bare_wsgi", deep,
                  "/diary", "get.lua", head_args, get_head_probe, floor=True),
@@ -415,16 +299,11 @@ def scenarios(connections: int, threads: int, prototypes: bool = False) -> list[
                  "/diary", "get.lua", head_args, get_head_probe, floor=True),
         Scenario("get_head", "GET /diary/<key> (deep)", "get-head", rainer, deep, "/diary",
                  "get.lua", head_args, get_head_probe),
-        Scenario("get_head_proto", "  prototype: precompiled get()", "get-head", proto, deep,
-                 "/diary", "get.lua", head_args, get_head_probe, env={"BENCH_PATCHES": "get"}),
         Scenario("floor_c", "(c) Flask+pymysql PK select", "get-version",
                  "floors:flask_pymysql_get", deep, "/diary", "get.lua", version_args,
                  get_version_probe, floor=True),
         Scenario("get_version", "GET /diary/<key>/<v> (deep)", "get-version", rainer, deep,
                  "/diary", "get.lua", version_args, get_version_probe),
-        Scenario("get_version_proto", "  prototype: precompiled get()", "get-version", proto,
-                 deep, "/diary", "get.lua", version_args, get_version_probe,
-                 env={"BENCH_PATCHES": "get"}),
         Scenario("list_shallow", "GET /diary 10k x 1 version", "list", rainer, "shallow",
                  "/diary", None, [], list_probe),
         Scenario("list_deep", "GET /diary 10k x 50 versions", "list", rainer, deep, "/diary",
@@ -445,25 +324,13 @@ def scenarios(connections: int, threads: int, prototypes: bool = False) -> list[
                  post_probe, floor=True),
         Scenario("post_next", "POST next versions, distinct keys", "post-next", rainer,
                  POST_TABLE, "/diary", "post.lua", next_args, post_probe),
-        Scenario("post_next_proto", "  prototype: precompiled save()", "post-next", proto,
-                 POST_TABLE, "/diary", "post.lua", next_args, post_probe,
-                 env={"BENCH_PATCHES": "save"}),
-        Scenario("post_next_proto2", "  prototype: UPDATE-as-check save()", "post-next",
-                 proto, POST_TABLE, "/diary", "post.lua", next_args, post_probe,
-                 env={"BENCH_PATCHES": "save2"}),
         Scenario("floor_d_new", "(d) insert txn, new keys v1", "post-new",
                  "floors:flask_pymysql_post", FLOOR_POST_TABLE, "/diary", "post.lua", new_args,
                  post_probe, floor=True),
         Scenario("post_new", "POST version 1 of new keys", "post-new", rainer, POST_TABLE,
                  "/diary", "post.lua", new_args, post_probe),
-        Scenario("post_new_proto", "  prototype: precompiled save()", "post-new", proto,
-                 POST_TABLE, "/diary", "post.lua", new_args, post_probe,
-                 env={"BENCH_PATCHES": "save"}),
-        Scenario("post_new_proto2", "  prototype: UPDATE-as-check save()", "post-new", proto,
-                 POST_TABLE, "/diary", "post.lua", new_args, post_probe,
-                 env={"BENCH_PATCHES": "save2"}),
     ]
-    return [s for s in out if prototypes or "_proto" not in s.name]
+    return out
 
 
 # Comparisons: (scenario, floor or baseline, kind, target). kind "min": ratio = rps / floor rps
@@ -472,18 +339,12 @@ def scenarios(connections: int, threads: int, prototypes: bool = False) -> list[
 COMPARISONS = [
     ("get_head", "floor_a", "min", None),
     ("get_head", "floor_b", "min", None),
-    ("get_head_proto", "floor_b", "min", None),
     ("get_version", "floor_c", "min", 0.85),
-    ("get_version_proto", "floor_c", "min", 0.85),
     ("list_deep", "list_shallow", "max-inverse", 1.3),
     ("list_deep_nc", "list_shallow_nc", "max-inverse", 1.3),
     ("list_1000", "floor_e", "min", 5.0),
     ("post_next", "floor_d_next", "min", 0.8),
-    ("post_next_proto", "floor_d_next", "min", 0.8),
-    ("post_next_proto2", "floor_d_next", "min", 0.8),
     ("post_new", "floor_d_new", "min", 0.8),
-    ("post_new_proto", "floor_d_new", "min", 0.8),
-    ("post_new_proto2", "floor_d_new", "min", 0.8),
 ]
 
 
@@ -505,25 +366,6 @@ def probe(base: str, method: str, path: str) -> tuple[int, bytes]:
 # The machine is shared: other work on it skews a run. Around every wrk run we count the CPU
 # used by everything except this benchmark's gunicorns, wrk and the database server, as a
 # percentage of all CPUs ("bg%"), so a disturbed figure can be recognised as such.
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(ppid, CPU seconds) of a process, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _busy_seconds() -> float:
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / _TICKS
 
 
 def _database_pids() -> list[int]:
@@ -547,7 +389,7 @@ def _our_cpu(masters: list[int], database: list[int]) -> float:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat and (pid in wanted or stat[0] in wanted or pid in database):
             total += stat[1]
     return total
@@ -560,26 +402,20 @@ class CpuWatch:
 
     def __enter__(self):
         self.t0 = time.monotonic()
-        self.busy0 = _busy_seconds()
+        self.busy0 = busy_seconds()
         self.ours0 = _our_cpu(self.masters, self.database)
-        self.children0 = _children_cpu()
+        self.children0 = children_cpu()
         return self
 
     def __exit__(self, *exc):
         elapsed = time.monotonic() - self.t0
-        busy = _busy_seconds() - self.busy0
+        busy = busy_seconds() - self.busy0
         ours = _our_cpu(self.masters, self.database) - self.ours0
-        wrk = _children_cpu() - self.children0
+        wrk = children_cpu() - self.children0
         capacity = elapsed * (os.cpu_count() or 1)
         self.background_pct = max(0.0, 100 * (busy - ours - wrk) / capacity) if capacity else 0
         self.ours_pct = 100 * (ours + wrk) / capacity if capacity else 0
 
-
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- running a group
@@ -597,7 +433,7 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
     try:
         for s in group:
             servers[s.name] = Gunicorn(
-                s.app, {**service_env(db_url, s.table), **s.env}, args.workers, log_dir
+                s.name, s.app, {**service_env(db_url, s.table), **s.env}, args.workers, log_dir
             )
         for s in group:
             server = servers[s.name]
@@ -808,8 +644,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", default="rainer_bench")
     parser.add_argument("--only", help="comma-separated scenario names (debugging)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--prototypes", action="store_true",
-                        help="also measure prototypes of proposed fixes (variants.py)")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
     parser.add_argument("--log-dir", help="keep gunicorn logs here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -839,9 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         timings = seed(db_url)
         print("# seeded " + ", ".join(f"{t} in {s:.1f}s" for t, s in timings.items()),
               flush=True)
-        heads_ms = time_heads_in_process(db_url, prototypes=args.prototypes)
+        heads_ms = time_heads_in_process(db_url)
         groups: dict[str, list[Scenario]] = {}
-        for s in scenarios(args.connections, args.threads, args.prototypes):
+        for s in scenarios(args.connections, args.threads):
             if not selected or s.name in selected or s.group in selected:
                 groups.setdefault(s.group, []).append(s)
         for name, group in groups.items():
@@ -862,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        Gunicorn.stop_all()
+        Children.stop_all()
         if created and not args.keep_db:
             try:
                 drop_database(args.mysql, args.database)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ZooKeeper benchmark (issue 3): commit propagation, mirror-backed reads, publisher passes.
 
-    python3 tests/bench/bench_keeper.py [--duration 8] [--json PATH] [--prototypes]
+    python3 tests/bench/bench_keeper.py [--duration 8] [--json PATH]
 
 One run, against floors measured in the same run:
 
@@ -34,9 +34,7 @@ One run, against floors measured in the same run:
    Rainer's answers must carry ``X-Rainer-Cached: Yes`` and the seeded payload, before and
    after. Target: Rainer >= 0.9 x flask_dict (median of per-round ratios). Also reported:
    the workers' CPU per request (less sensitive to a busy machine than req/s);
-5. ``--prototypes`` adds measurements of proposed fixes (keeper_variants.py): pass (a) with a
-   debounced children watch, and two cheaper cached-GET apps in the GET rounds;
-6. prints one table; ``--json PATH`` also writes it. Stops everything it started (also on
+5. prints one table; ``--json PATH`` also writes it. Stops everything it started (also on
    errors, Ctrl-C, SIGTERM) and drops the database.
 
 Exit status: 0 all targets met, 1 a target missed, 2 the benchmark itself is invalid.
@@ -73,20 +71,11 @@ from keeper_support import now_ns  # noqa: E402
 from keeper_support import run_wrk  # noqa: E402
 from keeper_support import tree_cpu  # noqa: E402
 
-try:  # bench_core's floor apps, reused read-only
-    import floors as floor_apps
+from floors import BASE_MTIME  # noqa: E402  (bench_core's floor apps, reused read-only)
+from floors import key_name  # noqa: E402
+from floors import make_payload  # noqa: E402
 
-    for _name in ("bare_wsgi", "flask_dict", "key_name", "make_payload", "BASE_MTIME"):
-        getattr(floor_apps, _name)
-    FLOOR_MODULE = "floors"
-except Exception:  # missing or reshaped: our own copies
-    import keeper_floors as floor_apps
-
-    FLOOR_MODULE = "keeper_floors"
-
-key_name = floor_apps.key_name
-make_payload = floor_apps.make_payload
-BASE_MTIME = floor_apps.BASE_MTIME
+FLOOR_MODULE = "floors"
 
 NKEYS = 10_000
 TABLE = "rainer"
@@ -187,8 +176,7 @@ def counted_mirror(mirror, timeout: float = 60.0):
     return mirror
 
 
-def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool,
-                    prototypes: bool) -> dict:
+def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dict:
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
     from rainer_server.keeper import CommitKeeper
@@ -275,30 +263,6 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool,
         out["keeper_heads_s"] = time.perf_counter() - started
         log(f"keeper.heads() (pipelined reads) of {len(heads_zk)} znodes: "
             f"{out['keeper_heads_s']:.2f} s")
-        if prototypes:
-            from keeper_variants import DebouncedMirror
-
-            proto_keeper = CommitKeeper(client, "/bench-proto")
-            proto_mirror = counted_mirror(DebouncedMirror(proto_keeper))
-            try:
-                publisher = proto_keeper.auto_publisher(storage, mirror=proto_mirror)
-                started = time.perf_counter()
-                counts = publisher.publish_all()
-                out["proto_pass_a_s"] = time.perf_counter() - started
-                out["proto_pass_a"] = counts.as_dict()
-                out["proto_relists"] = dict(proto_mirror.bench_relists)
-                log(f"prototype: pass (a) with a debounced children watch: "
-                    f"{out['proto_pass_a_s']:.2f} s, {counts.created} created, "
-                    f"{out['proto_relists']}")
-                deadline = time.monotonic() + 60
-                while len(proto_mirror.current) < NKEYS and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                counts = publisher.publish_all()
-                out["proto_pass_b"] = counts.as_dict()
-                if counts.written or counts.unchanged != NKEYS:
-                    out["problems"] = [f"prototype: unchanged pass wrote: {counts}"]
-            finally:
-                proto_mirror.close()
         # ZooKeeper holds exactly the storage's heads.
         children = client.get_children(keeper.data_path)
         out["znodes"] = len(children)
@@ -308,7 +272,7 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool,
         for i in random.Random(2).sample(range(NKEYS), 25):
             if keeper.get(key_name(i)) != commits[i]:
                 problems.append(f"znode {key_name(i)} differs from the storage")
-        out["problems"] = problems + out.get("problems", [])
+        out["problems"] = problems
     finally:
         storage.stop()
     return out
@@ -432,11 +396,9 @@ def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, blo
 # ====================================================================== 4. GET throughput
 
 
-def verify_cached(base: str, n: int = 50, headers_like: str | None = None) -> list[str]:
-    """A sample of GETs answered from the mirror with the seeded payload (and, for a
-    prototype, with exactly the headers the service sends)."""
+def verify_cached(base: str, n: int = 50) -> list[str]:
+    """A sample of GETs answered from the mirror with the seeded payload."""
     problems = []
-    skip = {"date", "server", "connection"}
     for i in random.Random(n).sample(range(NKEYS), n):
         key = key_name(i)
         status, headers, body = http_request(base, "GET", f"/diary/{key}")
@@ -444,18 +406,12 @@ def verify_cached(base: str, n: int = 50, headers_like: str | None = None) -> li
             problems.append(f"{base} GET /diary/{key}: {status}, body {body[:80]!r}")
         elif headers.get("X-Rainer-Cached") != "Yes":
             problems.append(f"{base} GET /diary/{key}: no X-Rainer-Cached: Yes")
-        elif headers_like and headers_like != base:
-            _, expected, _ = http_request(headers_like, "GET", f"/diary/{key}")
-            mine = sorted((k.lower(), v) for k, v in headers.items() if k.lower() not in skip)
-            theirs = sorted((k.lower(), v) for k, v in expected.items() if k.lower() not in skip)
-            if mine != theirs:
-                problems.append(f"{base} GET /diary/{key}: headers {mine} != {theirs}")
     return problems
 
 
 def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
-    script = BENCH / "keeper_get.lua"
-    script_args = ["/diary", str(NKEYS)]
+    script = BENCH / "get.lua"  # bench_core's: heads of random keys
+    script_args = ["/diary", str(NKEYS), "0"]
     masters = [os.getpid()] + [s.process.pid for s in servers.values()]
     runs: dict[str, list[dict]] = {name: [] for name in servers}
 
@@ -502,15 +458,7 @@ def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
             "rounds": rounds,
         }
     for name in names:
-        if name.startswith("P:") and "flask_dict" in runs:
-            ratios = [a["rps"] / b["rps"] for a, b in zip(runs[name], runs["flask_dict"])
-                      if b["rps"]]
-            rows[name]["ratio_vs_flask_dict"] = statistics.median(ratios) if ratios else 0.0
-            cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"]
-                   for a, b in zip(runs[name], runs["flask_dict"]) if a["cpu_us_per_req"]]
-            rows[name]["cpu_ratio_vs_flask_dict"] = statistics.median(cpu) if cpu else 0.0
-    for name in names:
-        if name != "rainer" and not name.startswith("P:"):
+        if name != "rainer":
             ratios = [a["rps"] / b["rps"] for a, b in zip(runs["rainer"], runs[name])
                       if b["rps"]]
             rows["rainer"][f"ratio_vs_{name}"] = statistics.median(ratios) if ratios else 0.0
@@ -589,12 +537,6 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
             row(f"  GET worker CPU per request vs {name}", r["cpu_us_per_req"], "us",
                 gets[name]["cpu_us_per_req"], r.get(f"cpu_ratio_vs_{name}"),
                 note="ratio = floor CPU / Rainer CPU (same sense as req/s)")
-        for name, p in gets.items():
-            if name.startswith("P:") and "flask_dict" in gets:
-                row(f"  PROTOTYPE GET {name[2:]} vs flask_dict", p["rps"], "req/s",
-                    gets["flask_dict"]["rps"], p.get("ratio_vs_flask_dict"),
-                    note=f"CPU/request {p['cpu_us_per_req']:.0f} us, CPU ratio "
-                         f"{p.get('cpu_ratio_vs_flask_dict', 0):.2f}x (keeper_variants.py)")
     if pub:
         a = pub["pass_a"]
         ok_a = (a["created"] == NKEYS and not a["failed"] and not a["refused"]
@@ -616,12 +558,6 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
         row("  mirror catch-up after pass (a)", pub["catch_up_s"], "s",
             note=f"{pub['mirror_after_a']} keys in the publisher's mirror; during (a) it "
                  f"re-listed data/ {rl['calls']} times, {rl['names'] / 1e6:.1f}M names")
-        if "proto_pass_a_s" in pub:
-            pr = pub["proto_relists"]
-            row("  PROTOTYPE pass (a), debounced children watch", pub["proto_pass_a_s"], "s",
-                pub["raw_create_s"], pub["proto_pass_a_s"] / pub["raw_create_s"],
-                note=f"{pub['proto_pass_a']['created']} created; {pr['calls']} re-lists, "
-                     f"{pr['names'] / 1e6:.1f}M names (keeper_variants.py)")
         if "save_nomirror_s" in pub:
             row("  keeper.save x 10k, no mirror", pub["save_nomirror_s"], "s",
                 pub["raw_create_s"], pub["save_nomirror_s"] / pub["raw_create_s"])
@@ -683,8 +619,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", default="rainer_bench_keeper")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the extra publisher rows (no-mirror saves, pipelined creates)")
-    parser.add_argument("--prototypes", action="store_true",
-                        help="also measure prototypes of proposed fixes (keeper_variants.py)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--keep-logs", metavar="DIR", help="keep gunicorn/ZooKeeper logs here")
     args = parser.parse_args(argv)
@@ -716,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         created = True
         log(f"seeded {NKEYS} keys in {seed(db_url):.1f} s")
 
-        pub = bench_publisher(zk.hosts, db_url, clients, not args.no_extras, args.prototypes)
+        pub = bench_publisher(zk.hosts, db_url, clients, not args.no_extras)
         invalid += pub["problems"]
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
@@ -752,22 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"latency {key:<15} p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
                 f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms (n={s['n']})")
 
-        if args.prototypes:
-            # Started only now: their mirrors would also react to every latency sample.
-            for variant in ("prebuilt", "prebuilt_nometrics"):
-                servers[f"P:{variant}"] = Gunicorn(
-                    variant, f"keeper_variants:make_app('{variant}')", env, args.workers,
-                    workdir)
-            for name in servers:
-                if name.startswith("P:"):
-                    servers[name].wait_ready()
-                    wait_cached(servers[name])
-        cached = [name for name in servers if name == "rainer" or name.startswith("P:")]
-        for name in cached:
-            invalid += verify_cached(servers[name].base, headers_like=servers["rainer"].base)
+        invalid += verify_cached(servers["rainer"].base)
         gets = bench_gets(servers, args)
-        for name in cached:
-            invalid += verify_cached(servers[name].base)
+        invalid += verify_cached(servers["rainer"].base)
         for name, r in gets.items():
             log(f"GET {name:<11} {r['rps']:8.0f} req/s (spread {r['spread_pct']:.0f}%), "
                 f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['non2xx']} non-2xx, "

@@ -295,7 +295,7 @@ def proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _busy_seconds() -> float:
+def busy_seconds() -> float:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
@@ -313,7 +313,7 @@ def tree_cpu(roots: set[int]) -> float:
     return total
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -329,15 +329,15 @@ class CpuWatch:
 
     def __enter__(self) -> CpuWatch:
         self.t0 = time.monotonic()
-        self.busy0 = _busy_seconds()
+        self.busy0 = busy_seconds()
         self.ours0 = tree_cpu(self.roots)
-        self.children0 = _children_cpu()
+        self.children0 = children_cpu()
         return self
 
     def __exit__(self, *exc: object) -> None:
         elapsed = time.monotonic() - self.t0
-        busy = _busy_seconds() - self.busy0
-        ours = tree_cpu(self.roots) - self.ours0 + _children_cpu() - self.children0
+        busy = busy_seconds() - self.busy0
+        ours = tree_cpu(self.roots) - self.ours0 + children_cpu() - self.children0
         capacity = elapsed * (os.cpu_count() or 1)
         self.background_pct = max(0.0, 100 * (busy - ours) / capacity) if capacity else 0.0
 

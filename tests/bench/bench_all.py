@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Every Rainer benchmark in one run, printed as one table of figures, floors and ratios.
+
+    python3 tests/bench/bench_all.py [--quick] [--json PATH] [--scale 10000x50 --scale 100000x5]
+
+Brings up what it needs: run outside ``scripts/with-services`` it re-runs itself under
+``scripts/with-services --bench``, which installs and starts MariaDB, a throw-away ZooKeeper
+and wrk on a Debian machine. Then, one after the other (never side by side: they would
+disturb each other's figures on a 2-core machine):
+
+1. ``bench_core.py``: gunicorn + MariaDB against floors measured in the same run (issue 2);
+2. ``bench_keeper.py``: mirror latency, cached reads, publisher passes against their floors,
+   on its own ZooKeeper (issue 3);
+3. ``bench_scale.py``: heads, publisher passes, a mirror's start-up and memory, listings,
+   at 10k keys x 50 versions and 100k keys x 5 versions (issue 5).
+
+Each writes JSON; this script prints their rows in one table. ``--quick`` shortens the wrk
+runs and the scale scenarios, to check that everything works, not to quote figures.
+Exit status: the worst of the three (0 every target met, 1 a target missed, 2 invalid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent.parent
+sys.path.insert(0, str(BENCH))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs and small scale scenarios (a smoke test)")
+    parser.add_argument("--scale", action="append", metavar="KEYSxVERSIONS",
+                        help="scale scenarios (default: 10000x50 and 100000x5)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    args = parser.parse_args(argv)
+
+    if not (os.environ.get("RAINER_TEST_MYSQL_URL") and os.environ.get("RAINER_TEST_ZK_HOSTS")):
+        script = [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])]
+        os.execv(ROOT / "scripts" / "with-services",
+                 [str(ROOT / "scripts" / "with-services"), "--bench", *script])
+
+    mysql_server = os.environ["RAINER_TEST_MYSQL_URL"].rsplit("/", 1)[0]
+    started = time.monotonic()
+    wrk = ["--duration", "2", "--warmup", "1"] if args.quick else []
+    scale = args.scale or (["2000x5"] if args.quick else ["10000x50", "100000x5"])
+    results: dict[str, dict] = {}
+    statuses: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="rainer-bench-all-") as tmp:
+        runs = {
+            "core": ["bench_core.py", "--mysql", mysql_server, *wrk],
+            "keeper": ["bench_keeper.py", "--mysql", mysql_server, *wrk,
+                       *(["--samples", "200"] if args.quick else [])],
+            "scale": ["bench_scale.py", *(arg for s in scale for arg in ("--scenario", s))],
+        }
+        for name, command in runs.items():
+            out = Path(tmp) / f"{name}.json"
+            print(f"# ---- {name}: {' '.join(command)}", flush=True)
+            statuses[name] = subprocess.run(
+                [sys.executable, str(BENCH / command[0]), *command[1:], "--json", str(out)],
+                cwd=ROOT,
+            ).returncode
+            if out.exists():
+                results[name] = json.loads(out.read_text())
+
+    rows = table_rows(results)
+    print()
+    print(f"# rainer: every benchmark, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+          f"{platform.python_version()}, {time.monotonic() - started:.0f} s"
+          + (" (--quick: not for quoting)" if args.quick else ""))
+    print_table(rows)
+    for name, status in statuses.items():
+        if status not in (0, 1):
+            print(f"{name}: INVALID or failed (exit {status}); see its output above")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
+    if any(name not in results for name in statuses):
+        return 2
+    return max(statuses.values())
+
+
+def table_rows(results: dict[str, dict]) -> list[dict]:
+    """Rows of (section, figure, value, unit, floor, ratio, target, result) from each JSON."""
+    rows: list[dict] = []
+    core = results.get("core", {}).get("table", [])
+    by_name = {r["scenario"]: r for r in core}
+    for r in core:
+        in_process = r["scenario"].startswith("in-process")
+        value, unit = (r["p50_ms"], "ms") if in_process else (r["rps"], "req/s")
+        floor = _find_floor(by_name, r.get("floor"))
+        rows.append({
+            "section": "core",
+            "figure": r["scenario"],
+            "value": value,
+            "unit": unit,
+            "floor": None if floor is None else (floor["p50_ms"] if in_process else floor["rps"]),
+            "floor_name": r.get("floor"),
+            "ratio": r.get("ratio"),
+            "target": r.get("target") or "",
+            "result": r.get("verdict") or "",
+        })
+    for r in results.get("keeper", {}).get("table", []):
+        rows.append({
+            "section": "keeper",
+            "figure": r["scenario"].strip(),
+            "value": r["value"],
+            "unit": r["unit"],
+            "floor": r.get("floor"),
+            "floor_name": r.get("note") or "",
+            "ratio": r.get("ratio"),
+            "target": r.get("target") or "",
+            "result": "" if r.get("verdict") == "info" else r.get("verdict", ""),
+        })
+    scale = results.get("scale", [])
+    from bench_scale import ROWS as SCALE_ROWS
+
+    for label, name, unit in SCALE_ROWS:
+        for r in scale:
+            if r.get(name) is not None:
+                rows.append({
+                    "section": f"scale {r['scenario']}",
+                    "figure": label,
+                    "value": r[name],
+                    "unit": unit,
+                    "floor": None,
+                    "floor_name": "",
+                    "ratio": None,
+                    "target": "",
+                    "result": "",
+                })
+    return rows
+
+
+
+
+def _find_floor(rows: dict[str, dict], name: str | None) -> dict | None:
+    # bench_core names a floor by its label, which its own row may extend ("..., c=4").
+    if not name:
+        return None
+    if name in rows:
+        return rows[name]
+    return next((row for label, row in rows.items() if name in label), None)
+
+
+def _number(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "s" and value < 1:
+        return f"{value * 1000:.1f} ms"
+    if unit == "bytes":
+        return f"{value / 2**20:.2f} MiB"
+    text = f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'section':<15} {'figure':<46} {'value':>12} {'floor':>8} {'ratio':>6} "
+          f"{'target':<14} {'result':<7} floor / note")
+    print("-" * 140)
+    for r in rows:
+        value = _number(r["value"], r["unit"])
+        floor = "-" if r["floor"] is None else _number(r["floor"])
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['section']:<15} {r['figure'][:46]:<46} {value:>12} {floor:>8} {ratio:>6} "
+              f"{str(r['target'])[:14]:<14} {r['result']:<7} {r['floor_name'] or ''}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
