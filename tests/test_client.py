@@ -30,6 +30,7 @@ from tests.storage_contract import *  # noqa: F403 (the shared contract suite)
 from tests.storage_contract import T0
 from tests.storage_contract import commit
 from tests.test_gunicorn import Gunicorn
+from tests.zkserver import free_port
 
 
 @pytest.fixture
@@ -213,9 +214,7 @@ def test_unavailable_storage_is_503(tmp_path):
 
 
 def test_connection_failures_name_the_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/diary"
     with pytest.raises(RainerConnectionError) as info:
         RainerClient(url).list()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.zkserver import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.gunicorn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:

@@ -10,6 +10,7 @@ import pytest
 from rainer_server import create_app
 from tests.tcpproxy import TcpProxy
 from tests.test_server_zookeeper import wait_for
+from tests.zkserver import free_port
 
 AUTHOR = {"X-Rainer-Author": "alice"}
 DEAD_MYSQL = "mysql://root@127.0.0.1:9/rainer"
@@ -62,9 +63,7 @@ def test_readyz_is_503_while_the_database_is_unreachable():
 
 
 def test_readyz_waits_for_zookeeper_and_the_mirror(tmp_path):
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     app = create_app(
         {"RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RAINER_ZK_HOSTS": f"127.0.0.1:{dead_port}"}
     )

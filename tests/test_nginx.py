@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import service_missing
 from tests.test_gunicorn import Gunicorn
-from tests.test_gunicorn import free_port
+from tests.zkserver import free_port
 from tests.test_gunicorn import request
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,6 +13,7 @@ from rainer_server import Commit
 from rainer_server import create_app
 from tests.test_gunicorn import Gunicorn
 from tests.test_gunicorn import request
+from tests.zkserver import free_port
 
 pytestmark = pytest.mark.zookeeper
 
@@ -165,9 +166,7 @@ def test_a_key_named_like_an_operational_route_does_not_shadow_it(zk_chroot, tmp
 
 
 def test_writes_succeed_quickly_while_zookeeper_is_unreachable(tmp_path):
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     app = create_app(
         {
             "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/nozk.db",

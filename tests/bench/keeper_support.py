@@ -24,6 +24,8 @@ from pathlib import Path
 from urllib.parse import unquote
 from urllib.parse import urlparse
 
+from tests.zkserver import free_port
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent.parent
 
@@ -31,12 +33,6 @@ ROOT = BENCH.parent.parent
 def now_ns() -> int:
     """CLOCK_MONOTONIC in ns: system-wide, so comparable with the observers' timestamps."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child
