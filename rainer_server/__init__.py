@@ -1,57 +1,88 @@
-"""Rainer: a versioned key/value configuration service.
+"""Rainer: a versioned key/value configuration service, and the library it is built from.
 
-``create_app`` builds the service; the rest is the library API.
+Every public name is importable from here (``from rainer_server import CommitKeeper``), and
+loaded on first use (PEP 562): ``import rainer_server``, the client and the ``rainer`` command
+stay light, importing neither Flask, peewee nor kazoo until a name that needs one is used.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
-if TYPE_CHECKING:
-    from flask import Flask
+__version__ = "0.2.0"
 
+if TYPE_CHECKING:
+    from rainer_server.client import HttpCommitStorage
+    from rainer_server.client import RainerClient
     from rainer_server.commit import Commit
     from rainer_server.errors import CommitNotFound
     from rainer_server.errors import CommitOrderingError
+    from rainer_server.errors import CommitTooLarge
     from rainer_server.errors import ConcurrentCommitError
+    from rainer_server.errors import ConfigurationError
+    from rainer_server.errors import ExportLineInvalid
     from rainer_server.errors import InvalidCommit
     from rainer_server.errors import KeeperError
+    from rainer_server.errors import PayloadRejected
+    from rainer_server.errors import PayloadTooLarge
     from rainer_server.errors import RainerError
     from rainer_server.errors import StorageUnavailable
-    from rainer_server.extension import Rainer
-    from rainer_server.settings import ConfigurationError
     from rainer_server.storage import CommitStorage
     from rainer_server.storage import with_post_save_hook
     from rainer_server.storage import with_pre_save_hook
     from rainer_server.storage.db import DbCommitStorage
     from rainer_server.storage.db import open_database
     from rainer_server.storage.memory import MemoryCommitStorage
+    from rainer_server.web.extension import Rainer
+    from rainer_server.web.extension import create_app
+    from rainer_server.zk.keeper import CommitKeeper
+    from rainer_server.zk.keeper import make_kazoo_client
+    from rainer_server.zk.mirror import CommitMirror
+    from rainer_server.zk.publisher import AutoPublisher
+    from rainer_server.zk.publishing import keeper_publishing
+    from rainer_server.zk.rainers import Rainers
 
-# Exported names -> defining module, imported on first use (PEP 562). The package must stay
-# light: ``rainer_server.client`` and the ``rainer`` command import it, and they must work
-# without Flask, peewee or kazoo being imported (or installed).
+# Exported name -> the module defining it.
 _EXPORTS = {
     "Commit": "rainer_server.commit",
-    "CommitNotFound": "rainer_server.errors",
-    "CommitOrderingError": "rainer_server.errors",
-    "ConcurrentCommitError": "rainer_server.errors",
-    "InvalidCommit": "rainer_server.errors",
-    "KeeperError": "rainer_server.errors",
-    "RainerError": "rainer_server.errors",
-    "StorageUnavailable": "rainer_server.errors",
-    "Rainer": "rainer_server.extension",
-    "ConfigurationError": "rainer_server.settings",
+    **dict.fromkeys(
+        (
+            "CommitNotFound",
+            "CommitOrderingError",
+            "CommitTooLarge",
+            "ConcurrentCommitError",
+            "ConfigurationError",
+            "ExportLineInvalid",
+            "InvalidCommit",
+            "KeeperError",
+            "PayloadRejected",
+            "PayloadTooLarge",
+            "RainerError",
+            "StorageUnavailable",
+        ),
+        "rainer_server.errors",
+    ),
     "CommitStorage": "rainer_server.storage",
     "with_post_save_hook": "rainer_server.storage",
     "with_pre_save_hook": "rainer_server.storage",
+    "MemoryCommitStorage": "rainer_server.storage.memory",
     "DbCommitStorage": "rainer_server.storage.db",
     "open_database": "rainer_server.storage.db",
-    "MemoryCommitStorage": "rainer_server.storage.memory",
+    "CommitKeeper": "rainer_server.zk.keeper",
+    "make_kazoo_client": "rainer_server.zk.keeper",
+    "CommitMirror": "rainer_server.zk.mirror",
+    "AutoPublisher": "rainer_server.zk.publisher",
+    "keeper_publishing": "rainer_server.zk.publishing",
+    "Rainers": "rainer_server.zk.rainers",
+    "RainerClient": "rainer_server.client",
+    "HttpCommitStorage": "rainer_server.client",
+    "Rainer": "rainer_server.web.extension",
+    "create_app": "rainer_server.web.extension",
 }
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
@@ -63,48 +94,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = [
-    "Commit",
-    "CommitNotFound",
-    "CommitOrderingError",
-    "CommitStorage",
-    "ConcurrentCommitError",
-    "ConfigurationError",
-    "DbCommitStorage",
-    "InvalidCommit",
-    "KeeperError",
-    "MemoryCommitStorage",
-    "Rainer",
-    "RainerError",
-    "StorageUnavailable",
-    "create_app",
-    "open_database",
-    "with_post_save_hook",
-    "with_pre_save_hook",
-]
-
-
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the Rainer service.
-
-    Settings come from the defaults, then the Python file named by ``RAINER_CONFIG``, then
-    ``RAINER_*`` environment variables; ``config`` (tests) replaces the file and environment.
-    Opens no connections: storage and ZooKeeper are reached on first use.
-
-    :raises ConfigurationError: naming the first invalid setting.
-    """
-    from flask import Flask
-
-    from rainer_server.extension import Rainer
-    from rainer_server.settings import DEFAULTS
-    from rainer_server.settings import settings_from_environ
-
-    app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    if config is None:
-        app.config.from_envvar("RAINER_CONFIG", silent=True)
-        app.config.from_mapping(settings_from_environ(os.environ))
-    else:
-        app.config.from_mapping(config)
-    Rainer(app)
-    return app
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -10,31 +10,30 @@ Talks to the server through ``rainer_server.client`` only: no Flask, peewee or k
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import difflib
 import getpass
-import io
 import itertools
 import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Mapping
-from typing import IO
 from typing import Any
 
 import click
 import yaml
 
 from rainer_server.client import RainerClient
+from rainer_server.render import colour_wanted
+from rainer_server.render import isatty
+from rainer_server.render import paged_output
+from rainer_server.render import render_log
+from rainer_server.render import styler
+from rainer_server.render import unified_diff
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
 from rainer_server.errors import CommitNotFound
@@ -44,96 +43,9 @@ from rainer_server.errors import RainerError
 #: Header fields a prepared commit may carry (pyrainer writes author, comment and version).
 HEADER_FIELDS = frozenset(("author", "comment", "version", "empty", "mtime", "key"))
 LOG_PAGE_SIZE = 100
-DEFAULT_PAGER = "less"
-# less: quit when the log fits on one screen, pass colours through, don't clear the screen.
-DEFAULT_LESS = "FRX"
-
-Style = Callable[..., str]
 
 
 # ---------------------------------------------------------------------- text helpers
-
-
-def _plain(text: str, **_: Any) -> str:
-    return text
-
-
-def colour_wanted(stream: IO[Any]) -> bool:
-    """Colour only on a terminal, and never when ``NO_COLOR`` is set (no-color.org)."""
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
-    return _isatty(stream)
-
-
-def _isatty(stream: IO[Any]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def styler(colour: bool) -> Style:
-    return click.style if colour else _plain
-
-
-def _text_lines(payload: bytes | None) -> list[str]:
-    text = (payload or b"").decode("utf-8", "replace")
-    parts = text.split("\n")
-    lines = [part + "\n" for part in parts[:-1]]
-    return lines + [parts[-1]] if parts[-1] else lines
-
-
-def unified_diff(
-    old: bytes | None, new: bytes | None, old_name: str, new_name: str, style: Style = _plain
-) -> str:
-    """A unified diff of two payloads, marking a missing final newline as diff(1) does."""
-    out = []
-    for line in difflib.unified_diff(_text_lines(old), _text_lines(new), old_name, new_name):
-        text = line.rstrip("\n")
-        if line.startswith(("--- ", "+++ ")):
-            out.append(style(text, bold=True))
-        elif line.startswith("@@"):
-            out.append(style(text, fg="cyan"))
-        elif line.startswith("-"):
-            out.append(style(text, fg="red"))
-        elif line.startswith("+"):
-            out.append(style(text, fg="green"))
-        else:
-            out.append(text)
-        out.append("\n" if line.endswith("\n") else "\n\\ No newline at end of file\n")
-    return "".join(out)
-
-
-def render_log(commits: Iterable[Commit], style: Style = _plain) -> Iterator[str]:
-    """``git log -p``-like text for commits given newest first (spec §6's ``log``).
-
-    Each entry diffs a version against the next one in ``commits`` (its predecessor), the
-    oldest against nothing.
-    """
-    walk = iter(commits)
-    current = next(walk, None)
-    while current is not None:
-        older = next(walk, None)
-        title = f"commit {current.version}" + (" (empty)" if current.empty else "")
-        lines = [
-            style(title, fg="yellow"),
-            f"Author: {current.author}",
-            f"Date:   {format_mtime(current.mtime)}",
-            "",
-        ]
-        if current.comment:
-            lines += [f"  {line}" for line in current.comment.split("\n")] + [""]
-        text = "\n".join(lines) + "\n"
-        previous = older if older is not None and older.version == current.version - 1 else None
-        text += unified_diff(
-            previous.payload if previous else None,
-            current.payload,
-            f"{current.key} {current.version - 1}",
-            f"{current.key} {current.version}",
-            style,
-        )
-        yield text + "\n"
-        current = older
 
 
 def prepare_text(
@@ -212,41 +124,6 @@ def header_meta(
 # ---------------------------------------------------------------------- output
 
 
-@contextlib.contextmanager
-def paged_output() -> Iterator[Callable[[str], None]]:
-    """Yield a function writing text to ``$PAGER`` (default ``less``) on a terminal, else stdout.
-
-    ``PAGER=""`` turns the pager off. Quitting the pager early stops the output quietly.
-    """
-    command = os.environ.get("PAGER", DEFAULT_PAGER)
-    argv = shlex.split(command) if command.strip() else []
-    if not argv or not _isatty(sys.stdout):
-        yield lambda text: click.echo(text, nl=False, color=True)
-        return
-    sys.stdout.flush()
-    env = dict(os.environ)
-    env.setdefault("LESS", DEFAULT_LESS)
-    try:
-        pager = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
-    except OSError as exc:
-        click.echo(f"rainer: cannot run pager {command!r}: {exc}", err=True)
-        yield lambda text: click.echo(text, nl=False, color=True)
-        return
-    # Ctrl-C belongs to the pager while it runs (as with git); we only wait for it.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stream = io.TextIOWrapper(pager.stdin, encoding="utf-8", errors="replace")  # type: ignore[arg-type]
-    try:
-        yield stream.write
-        stream.close()
-    except BrokenPipeError:  # the user quit the pager
-        pass
-    finally:
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            stream.close()
-        pager.wait()
-        signal.signal(signal.SIGINT, previous)
-
-
 def _echo_bytes(data: bytes) -> None:
     click.echo(data, nl=False)
 
@@ -269,7 +146,7 @@ def ask_yes_no(question: str) -> bool:
             click.echo()
             raise click.ClickException("no answer on standard input; nothing was committed")
         answer = line.strip()
-        if not _isatty(sys.stdin):  # a terminal echoes the answer; keep piped transcripts readable
+        if not isatty(sys.stdin):  # a terminal echoes the answer; keep piped transcripts readable
             click.echo(answer)
         if answer in ("yes", "no"):
             return answer == "yes"
@@ -430,7 +307,7 @@ def show(session: Session, key: str, version: int | None) -> None:
         click.echo(f"rainer: {key} version {commit.version} is empty (uncommitted)", err=True)
         return
     _echo_bytes(commit.payload)
-    if _isatty(sys.stdout) and commit.payload and not commit.payload.endswith(b"\n"):
+    if isatty(sys.stdout) and commit.payload and not commit.payload.endswith(b"\n"):
         click.echo()
 
 
@@ -461,7 +338,7 @@ def commit(session: Session, key: str) -> None:
 @pass_session
 def commit_value(session: Session, key: str, version: int | None, message: str) -> None:
     """Post stdin as the payload of KEY, as VERSION (default: the next version)."""
-    if _isatty(sys.stdin):
+    if isatty(sys.stdin):
         click.echo("Reading the payload from standard input; end it with Ctrl-D.", err=True)
     payload = click.get_binary_stream("stdin").read()
     number = version if version is not None else session.next_version(key)

@@ -33,6 +33,11 @@ from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import RainerError
 from rainer_server.errors import StorageUnavailable
+from rainer_server.headers import HEADER_ENCODING
+from rainer_server.headers import TEXT_HEADERS
+from rainer_server.headers import decode_text_header
+from rainer_server.headers import encode_text_headers
+from rainer_server.headers import is_percent_encoded
 
 __all__ = [
     "HttpCommitStorage",
@@ -50,11 +55,6 @@ MAX_HISTORY_PAGE = 1000
 # Characters kept as they are in a key's URL path segment (RFC 3986 pchar): keys stay readable
 # in `rainer list`, and everything else ("?", "#", "%", spaces, non-ASCII) is percent-encoded.
 _PATH_SAFE = "!$&'()*+,;=:@"
-# HTTP header values cannot carry CR/LF (http.client would refuse, or a proxy would split
-# them) nor other control characters; tab is allowed.
-HEADER_ENCODING = "X-Rainer-Header-Encoding"
-# Printable ASCII but '%': what a percent-encoded header value may keep as is.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TRUE_WORDS = frozenset(("yes", "true", "1"))
 _ERROR_BODY_LIMIT = 300
 
@@ -151,19 +151,6 @@ def _truthy(value: object) -> bool:
     return bool(value)
 
 
-def _text_headers(values: Mapping[str, str]) -> dict[str, str]:
-    """Header values for text fields, percent-encoded (with the marker) when any needs it.
-
-    HTTP headers carry printable ASCII only; a comment may hold line breaks and any Unicode.
-    The server decodes the fields when ``X-Rainer-Header-Encoding: percent`` is present.
-    """
-    if all(text.isascii() and text.isprintable() for text in values.values()):
-        return dict(values)
-    encoded = {name: urllib.parse.quote(text, safe=_HEADER_SAFE) for name, text in values.items()}
-    encoded[HEADER_ENCODING] = "percent"
-    return encoded
-
-
 # ---------------------------------------------------------------------- the client
 
 
@@ -214,11 +201,11 @@ class RainerClient:
         """The newest commit of ``key``, or its commit at ``version``."""
         url = self.commit_uri(key, version)
         _, headers, body = self._request("GET", url, key=key, version=version)
+        percent = is_percent_encoded(headers.get(HEADER_ENCODING))
         texts = [
-            headers.get(name) for name in ("X-Rainer-Key", "X-Rainer-Author", "X-Rainer-Comment")
+            None if value is None else decode_text_header(name, value, percent)
+            for name, value in ((name, headers.get(name)) for name in TEXT_HEADERS)
         ]
-        if (headers.get(HEADER_ENCODING) or "").strip().lower() == "percent":
-            texts = [None if t is None else urllib.parse.unquote(t) for t in texts]
         number = parse_version((headers.get("X-Rainer-Version") or "").strip())
         if (
             number is None
@@ -273,7 +260,7 @@ class RainerClient:
         texts = {"X-Rainer-Comment": str(meta.get("comment") or "")}
         if meta.get("author") is not None:
             texts["X-Rainer-Author"] = str(meta["author"])
-        headers.update(_text_headers(texts))
+        headers.update(encode_text_headers(texts))
         mtime = meta.get("mtime")
         if isinstance(mtime, datetime):
             headers["X-Rainer-Modified-Time"] = format_mtime(mtime)

@@ -1,11 +1,13 @@
-"""The domain errors of Rainer.
+"""The domain errors of Rainer, every one of them.
 
-They carry no HTTP knowledge: ``api.py`` maps them to status codes in one place, and the
+They carry no HTTP knowledge: ``web/api.py`` maps them to status codes in one place, and the
 client maps status codes back to them, so callers catch one set of types whether the
 storage is local or remote.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RainerError(Exception):
@@ -22,6 +24,14 @@ class PayloadTooLarge(InvalidCommit):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Payload too large: the limit is {limit} bytes")
         self.limit = limit
+
+
+class PayloadRejected(InvalidCommit):
+    """A payload that does not deserialize, or fails its key's schema (``messages``)."""
+
+    def __init__(self, reason: str, messages: Any = None) -> None:
+        super().__init__(f"Malformed input: {reason}")
+        self.messages = messages
 
 
 class CommitNotFound(RainerError, LookupError):
@@ -63,3 +73,24 @@ class StorageUnavailable(RainerError):
 
 class KeeperError(RainerError):
     """ZooKeeper could not be read or written."""
+
+
+class CommitTooLarge(KeeperError):
+    """A commit that serializes larger than the keeper's ``max_znode_bytes``."""
+
+    def __init__(self, key: str, version: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"Commit {key} (version[{version}]) is too big for ZooKeeper: "
+            f"{size} bytes, the limit is {limit}"
+        )
+        self.key = key
+        self.size = size
+        self.limit = limit
+
+
+class ConfigurationError(RainerError):
+    """A setting has a value the service cannot run with."""
+
+
+class ExportLineInvalid(InvalidCommit):
+    """A line of a JSON Lines export that is not a commit; nothing was imported."""

@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from rainer_server import metrics
-from rainer_server.extension import Rainer
+from rainer_server.web.context import RainerContext
 
 # "<master pid>:<directory it created, or nothing>": which master prepared the directory.
 _METRICS_MARK = "RAINER_PROMETHEUS_MASTER"
@@ -26,7 +26,7 @@ _METRICS_MARK = "RAINER_PROMETHEUS_MASTER"
 ROUTED_LOGGERS = {"rainer_server": logging.DEBUG, "kazoo": logging.WARNING}
 
 
-def _rainer(worker: Any) -> Rainer | None:
+def _rainer(worker: Any) -> RainerContext | None:
     app = worker.app.wsgi()  # cached by gunicorn: the preloaded app, not a second copy
     extensions = getattr(app, "extensions", {})
     return extensions.get("rainer")

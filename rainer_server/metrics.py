@@ -16,17 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from kazoo.client import KazooClient
-
-    from rainer_server.commit import Commit
-    from rainer_server.keeper import CommitMirror
-    from rainer_server.publisher import AutoPublisher
-    from rainer_server.publisher import PublishCounts
+from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -172,36 +162,20 @@ class ZooKeeperMetrics:
         for result in _KEY_RESULTS:
             self.publisher_keys.labels(result)
 
-    def watch(
-        self, client: KazooClient, mirror: CommitMirror, publisher: AutoPublisher
-    ) -> None:
-        """Keep this process's ZooKeeper, mirror and leadership gauges current.
+    def observe_connection(self, connected: bool) -> None:
+        self.zk_connected.set(1 if connected else 0)
 
-        The callbacks run on kazoo's and the mirror's threads: they only set gauges.
-        """
-        from kazoo.protocol.states import KazooState
+    def observe_mirror(self, commits: int, complete: bool) -> None:
+        self.mirror_commits.set(commits)
+        if complete:
+            self.mirror_initialized.set(1)
+            self.mirror_last_update.set(time.time())
 
-        def on_state(state: str) -> None:
-            self.zk_connected.set(1 if state == KazooState.CONNECTED else 0)
+    def observe_leadership(self, leading: bool) -> None:
+        self.leader.set(1 if leading else 0)
 
-        def on_view(view: Mapping[str, Commit]) -> None:
-            self.mirror_commits.set(len(view))
-            # Views are delivered only once the mirror is complete (last_update is set just
-            # before); the call made at subscription time is the empty, incomplete one.
-            if mirror.last_update is not None:
-                self.mirror_initialized.set(1)
-                self.mirror_last_update.set(time.time())
-
-        self.leader.set(0)
-        self.mirror_commits.set(0)
-        self.mirror_initialized.set(0)
-        client.add_listener(on_state)
-        on_state(client.state)
-        mirror.subscribe(on_view)
-        publisher.leader_listeners.append(lambda leading: self.leader.set(1 if leading else 0))
-        publisher.pass_listeners.append(self.observe_pass)
-
-    def observe_pass(self, counts: PublishCounts) -> None:
+    def observe_pass(self, counts: Any) -> None:
+        """Count one publisher pass (a ``zk.publisher.PublishCounts``)."""
         self.publisher_passes.labels("aborted" if counts.aborted else "complete").inc()
         self.publisher_pass_seconds.observe(counts.duration)
         for result in _KEY_RESULTS:

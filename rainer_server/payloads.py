@@ -13,16 +13,8 @@ import yaml
 from marshmallow import Schema
 from marshmallow import ValidationError
 
-from rainer_server.errors import InvalidCommit
-from rainer_server.settings import ConfigurationError
-
-
-class PayloadRejected(InvalidCommit):
-    """A payload that does not deserialize, or fails its key's schema (``messages``)."""
-
-    def __init__(self, reason: str, messages: Any = None) -> None:
-        super().__init__(f"Malformed input: {reason}")
-        self.messages = messages
+from rainer_server.errors import ConfigurationError
+from rainer_server.errors import PayloadRejected
 
 
 def _reject_constant(name: str) -> Any:

@@ -17,13 +17,9 @@ from marshmallow import fields
 from marshmallow import post_load
 from marshmallow import validate
 
-from rainer_server.errors import RainerError
+from rainer_server.errors import ConfigurationError
 
 PAYLOAD_FORMATS = ("json", "yaml", "text", "bytes")
-
-
-class ConfigurationError(RainerError):
-    """A setting has a value the service cannot run with."""
 
 
 @dataclasses.dataclass(frozen=True)

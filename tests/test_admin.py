@@ -242,7 +242,7 @@ def test_bad_input_imports_nothing(app, storage, line, message):
 
 
 def export_line(commit):
-    from rainer_server.admin import export_line
+    from rainer_server.transfer import export_line
 
     return export_line(commit)
 

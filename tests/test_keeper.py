@@ -18,10 +18,10 @@ from rainer_server.commit import Commit
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
-from rainer_server.keeper import CommitKeeper
-from rainer_server.keeper import CommitTooLarge
-from rainer_server.keeper import SaveResult
-from rainer_server.keeper import make_kazoo_client
+from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.errors import CommitTooLarge
+from rainer_server.zk.keeper import SaveResult
+from rainer_server.zk.keeper import make_kazoo_client
 from tests.zk_support import wait_until
 from tests.zk_support import expire_session
 from tests.zk_support import started_client
@@ -289,7 +289,7 @@ def test_get_raises_on_unparseable_but_heads_skips_it(keeper, other, caplog):
     other.create(keeper.znode("bad"), b"garbage")
     with pytest.raises(InvalidCommit):
         keeper.get("bad")
-    with caplog.at_level(logging.ERROR, logger="rainer_server.keeper"):
+    with caplog.at_level(logging.ERROR, logger="rainer_server.zk"):
         assert keeper.heads() == {"good": make_commit(key="good")}
     assert "bad serialization: bad" in caplog.text
     assert keeper.keys() == ["bad", "good"]
@@ -355,7 +355,7 @@ def test_mirror_is_complete_before_it_is_returned(keeper, other, caplog):
     for result in results:
         result.get(timeout=10)
     other.create(keeper.znode("broken"), b"garbage")
-    with caplog.at_level(logging.ERROR, logger="rainer_server.keeper"):
+    with caplog.at_level(logging.ERROR, logger="rainer_server.zk"):
         mirror = keeper.mirror()
     try:
         assert mirror.initialized
@@ -376,7 +376,7 @@ def test_mirror_of_a_missing_path_is_empty_and_then_live(keeper, other):
 
 
 def test_mirror_follows_another_client(keeper, other, caplog):
-    caplog.set_level(logging.INFO, logger="rainer_server.keeper")
+    caplog.set_level(logging.INFO, logger="rainer_server.zk")
     keeper.save(make_commit(key="a"))
     seen: list[object] = []
     with keeper.mirror() as mirror:

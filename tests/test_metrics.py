@@ -83,7 +83,7 @@ def test_a_save_logs_key_version_and_author_but_never_the_payload(client, caplog
     assert [rec.getMessage() for rec in saved] == [
         f"Saved commit db.password version 1 by alice ({len(SECRET)} bytes)"
     ]
-    assert saved[0].name == "rainer_server.api" and saved[0].levelno == logging.INFO
+    assert saved[0].name == "rainer_server.web.api" and saved[0].levelno == logging.INFO
     assert client.post("/diary/db.password/1", data=SECRET, headers=AUTHOR).status_code == 409
     assert client.post("/diary/db.password/2", data=b"{" + SECRET, headers=AUTHOR).status_code == 400
     assert b"hunter2" not in caplog.text.encode()
@@ -237,14 +237,14 @@ def test_multiprocess_dir_is_made_once_per_master_and_removed_on_exit(tmp_path, 
 
 
 def test_request_metrics_never_fail_a_request(client, monkeypatch):
-    from rainer_server import health
+    from rainer_server.web import middleware
     from rainer_server import metrics
 
     def broken(*args, **kwargs):
         raise FileNotFoundError("multiprocess directory removed")
 
     monkeypatch.setattr(metrics.RainerMetrics, "observe_request", broken)
-    monkeypatch.setattr(health, "_metrics_failed", False)
+    monkeypatch.setattr(middleware, "_metrics_failed", False)
     assert client.get("/healthz").status_code == 200
     assert client.get("/healthz").status_code == 200
 

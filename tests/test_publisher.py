@@ -13,10 +13,10 @@ import pytest
 from kazoo.client import KazooClient
 
 from rainer_server.commit import Commit
-from rainer_server.keeper import CommitKeeper
-from rainer_server.keeper import make_kazoo_client
-from rainer_server.publisher import AutoPublisher
-from rainer_server.publisher import default_identifier
+from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.zk.keeper import make_kazoo_client
+from rainer_server.zk.publisher import AutoPublisher
+from rainer_server.zk.publisher import default_identifier
 from rainer_server.storage.memory import MemoryCommitStorage
 from tests.zk_support import wait_until
 from tests.zk_support import expire_session
@@ -35,7 +35,6 @@ def make_commit(
     author: str = "nobody",
 ) -> Commit:
     return Commit(key, version, payload, author, "nothing", MTIME)
-
 
 
 def save_history(storage: MemoryCommitStorage, *heads: Commit) -> None:
@@ -134,7 +133,7 @@ def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
 
     with keeper.mirror() as mirror:
         publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
-        with caplog.at_level(logging.WARNING, logger="rainer_server.publisher"):
+        with caplog.at_level(logging.WARNING, logger="rainer_server.zk.publisher"):
             counts = publisher.publish_all()
         assert (counts.created, counts.updated, counts.deleted) == (1, 2, 1)
         assert (counts.unchanged, counts.refused, counts.failed) == (2, 3, 0)
@@ -202,7 +201,7 @@ def test_a_pass_that_cannot_read_the_database_is_an_aborted_pass(keeper):
 
 def test_publishes_at_once_without_delay_and_leaves_on_close(keeper, storage, publishers):
     save_history(storage, make_commit("a", 3), make_commit("b", 1))
-    publisher = keeper.auto_publisher(storage, period=PERIOD, fuzz=0.2, delay=False)
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=PERIOD, fuzz=0.2, delay=False)
     publishers.append(publisher)
     publisher.start()
     wait_until(lambda: keeper.heads() == storage.heads(), what="the first pass")
@@ -236,8 +235,8 @@ def test_first_pass_waits_one_period_and_later_ones_are_fuzzed(keeper, storage, 
 
     recording = RecordingStorage()
     recording.save(make_commit("a"))
-    publisher = keeper.auto_publisher(
-        recording, period=90, fuzz=0.2, delay=True, clock=clock, sleep=sleep
+    publisher = AutoPublisher(
+        keeper.client, keeper, recording, period=90, fuzz=0.2, delay=True, clock=clock, sleep=sleep
     )
     publishers.append(publisher)
     start = clock()
@@ -253,7 +252,7 @@ def test_first_pass_waits_one_period_and_later_ones_are_fuzzed(keeper, storage, 
 
 def test_deleted_and_corrupted_znodes_are_repaired_within_a_period(keeper, storage, zk, publishers):
     save_history(storage, make_commit("a", 2), make_commit("b", 1), make_commit("c", 1))
-    publisher = keeper.auto_publisher(storage, period=PERIOD, fuzz=0.2, delay=True)
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=PERIOD, fuzz=0.2, delay=True)
     publishers.append(publisher)
     publisher.start()
     wait_until(lambda: keeper.heads() == storage.heads(), what="the first pass")
@@ -271,9 +270,9 @@ def test_newer_znode_is_never_rolled_back(keeper, storage, zk, publishers, caplo
     save_history(storage, make_commit("a", 2))
     zk.create(keeper.znode("a"), make_commit("a", 3, b"[3]").serialize(), makepath=True)
     _, before = zk.get(keeper.znode("a"))
-    publisher = keeper.auto_publisher(storage, period=0.1, fuzz=0.2, delay=False)
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=0.1, fuzz=0.2, delay=False)
     publishers.append(publisher)
-    with caplog.at_level(logging.WARNING, logger="rainer_server.publisher"):
+    with caplog.at_level(logging.WARNING, logger="rainer_server.zk.publisher"):
         publisher.start()
         wait_until(lambda: publisher.passes >= 3, what="three passes")
     data, after = zk.get(keeper.znode("a"))
@@ -290,8 +289,8 @@ def test_two_publishers_exactly_one_leads_and_closing_it_hands_over(
     made = []
     for name in ("first", "second"):
         keeper = CommitKeeper(clients(), BASE)
-        publisher = keeper.auto_publisher(
-            storage, period=PERIOD, fuzz=0.2, delay=False, identifier=name
+        publisher = AutoPublisher(
+            keeper.client, keeper, storage, period=PERIOD, fuzz=0.2, delay=False, identifier=name
         )
         publishers.append(publisher)
         made.append(publisher)
@@ -322,9 +321,9 @@ def test_two_publishers_exactly_one_leads_and_closing_it_hands_over(
 def test_leader_session_expiry_stops_leading_then_rejoins_and_repairs(
     keeper, storage, zk, zk_chroot, publishers, caplog
 ):
-    caplog.set_level(logging.INFO, logger="rainer_server.publisher")
+    caplog.set_level(logging.INFO, logger="rainer_server.zk.publisher")
     save_history(storage, make_commit("a"))
-    publisher = keeper.auto_publisher(storage, period=PERIOD, fuzz=0.2, delay=False)
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=PERIOD, fuzz=0.2, delay=False)
     publishers.append(publisher)
     publisher.start()
     wait_until(lambda: publisher.is_leader and keeper.get("a") is not None, what="leadership")
@@ -403,9 +402,9 @@ def test_ten_thousand_unchanged_keys_make_no_writes(client, keeper, storage, zk,
 def test_leader_whose_election_node_is_deleted_steps_down_and_rejoins(
     keeper, storage, zk, publishers, caplog
 ):
-    caplog.set_level(logging.INFO, logger="rainer_server.publisher")
+    caplog.set_level(logging.INFO, logger="rainer_server.zk.publisher")
     save_history(storage, make_commit("a"))
-    publisher = keeper.auto_publisher(storage, period=0.1, fuzz=0.2, delay=False)
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=0.1, fuzz=0.2, delay=False)
     publishers.append(publisher)
     publisher.start()
     wait_until(lambda: publisher.is_leader, what="leadership")

@@ -19,11 +19,11 @@ import pytest
 
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
-from rainer_server.keeper import make_kazoo_client
-from rainer_server.publisher import default_identifier
-from rainer_server.rainers import Rainers
+from rainer_server.zk.keeper import make_kazoo_client
+from rainer_server.zk.publisher import default_identifier
+from rainer_server.zk.rainers import Rainers
 from rainer_server.storage.memory import MemoryCommitStorage
-from rainer_server.storage.publishing import keeper_publishing
+from rainer_server.zk.publishing import keeper_publishing
 from tests.zk_support import wait_until
 from tests.zk_support import started_client
 
@@ -125,7 +125,7 @@ def test_storage_errors_propagate_and_nothing_is_published(rainers):
 
 
 def test_keeper_publishing_fails_fast_without_a_connection(zk_chroot, caplog):
-    from rainer_server.keeper import CommitKeeper
+    from rainer_server.zk.keeper import CommitKeeper
 
     never_started = make_kazoo_client(zk_chroot)
     keeper = CommitKeeper(never_started, BASE, timeout=0.3)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from kazoo.client import KazooClient
 
-from rainer_server.keeper import make_kazoo_client
+from rainer_server.zk.keeper import make_kazoo_client
 
 
 def wait_until(

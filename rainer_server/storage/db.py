@@ -13,6 +13,7 @@ peewee query costs more than a primary-key lookup on a warm MySQL.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime
 from datetime import timezone
@@ -35,6 +36,7 @@ from playhouse.db_url import parse
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import InvalidCommit
 from rainer_server.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -364,3 +366,55 @@ def _error_code(exc: Exception) -> int | None:
 def _one_line(exc: Exception) -> str:
     text = str(exc.args[-1] if exc.args else exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------- the original's table
+
+_SQL_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def read_legacy_table(
+    database: peewee.Database, table: str
+) -> tuple[list[Commit], dict[str, list[str]]]:
+    """Every commit of an original Scala Rainer table, and the problems of the rows that are not.
+
+    The table holds ``name``, ``version``, ``payload`` (the whole commit in the wire format)
+    and ``is_empty``. A row that does not parse, or disagrees with its columns, makes its key
+    a problem (the importer then writes nothing of that key).
+
+    :raises ValueError: when ``table`` is not a plain SQL name or cannot be read.
+    """
+    if not _SQL_IDENTIFIER.match(table):
+        raise ValueError("must be a plain SQL table name")
+    quote = database.quote or '""'
+    name = f"{quote[0]}{table}{quote[-1]}"
+    try:
+        database.connect(reuse_if_open=True)
+        rows = database.execute_sql(
+            f"SELECT name, version, payload, is_empty FROM {name} ORDER BY name, version"
+        ).fetchall()
+    except peewee.DatabaseError as exc:
+        raise ValueError(f"cannot read legacy table {table!r}: {_one_line(exc)}") from None
+    finally:
+        database.close()
+    commits: list[Commit] = []
+    problems: dict[str, list[str]] = {}
+    for raw_name, version, blob, is_empty in rows:
+        key = raw_name if isinstance(raw_name, str) else bytes(raw_name).decode("utf-8", "replace")
+        where = f"legacy row ({key!r}, {version})"
+        try:
+            commit = Commit.deserialize(bytes(blob or b""))
+        except InvalidCommit as exc:
+            problems.setdefault(key, []).append(f"{where}: {exc}")
+            continue
+        if (commit.key, commit.version) != (key, version):
+            problems.setdefault(key, []).append(
+                f"{where}: holds the commit of ({commit.key!r}, {commit.version})"
+            )
+        elif bool(is_empty) != commit.empty:
+            problems.setdefault(key, []).append(
+                f"{where}: is_empty={int(bool(is_empty))} but the commit says empty={commit.empty}"
+            )
+        else:
+            commits.append(commit)
+    return commits, problems

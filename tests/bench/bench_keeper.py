@@ -147,7 +147,7 @@ def seed_commit(i: int):
 def kazoo_client(hosts: str, clients: list, bare: bool = False):
     from kazoo.client import KazooClient
 
-    from rainer_server.keeper import make_kazoo_client
+    from rainer_server.zk.keeper import make_kazoo_client
 
     client = KazooClient(hosts=hosts) if bare else make_kazoo_client(hosts)
     client.start(timeout=15)
@@ -179,8 +179,9 @@ def counted_mirror(mirror, timeout: float = 60.0):
 def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dict:
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
-    from rainer_server.keeper import CommitKeeper
-    from rainer_server.keeper import CommitMirror
+    from rainer_server.zk.keeper import CommitKeeper
+    from rainer_server.zk.mirror import CommitMirror
+    from rainer_server.zk.publisher import AutoPublisher
 
     out: dict = {}
     commits = [seed_commit(i) for i in range(NKEYS)]
@@ -236,7 +237,7 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
         # children callback counted (instrumentation only).
         mirror = counted_mirror(CommitMirror(keeper))
         try:
-            publisher = keeper.auto_publisher(storage, mirror=mirror)  # not started: no election
+            publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)  # not started: no election
             started = time.perf_counter()
             counts = publisher.publish_all()
             out["pass_a_s"] = time.perf_counter() - started
@@ -285,7 +286,7 @@ def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, blo
                   warmup: int) -> dict:
     from rainer_server import Commit
     from rainer_server.commit import now
-    from rainer_server.keeper import CommitKeeper
+    from rainer_server.zk.keeper import CommitKeeper
 
     floor_client = kazoo_client(hosts, clients, bare=True)
     commit_size = len(Commit(SAVE_KEY, 1, make_payload(SAVE_KEY, 1), "bench", "save",

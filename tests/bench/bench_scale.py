@@ -44,9 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rainer_server.keeper import CommitKeeper  # noqa: E402
-from rainer_server.keeper import make_kazoo_client  # noqa: E402
-from rainer_server.publisher import AutoPublisher  # noqa: E402
+from rainer_server.zk.keeper import CommitKeeper  # noqa: E402
+from rainer_server.zk.keeper import make_kazoo_client  # noqa: E402
+from rainer_server.zk.publisher import AutoPublisher  # noqa: E402
 from rainer_server.storage.db import DbCommitStorage  # noqa: E402
 from rainer_server.storage.db import open_database  # noqa: E402
 from tests.test_gunicorn import Gunicorn  # noqa: E402

@@ -79,8 +79,8 @@ def main(argv: list[str]) -> int:
         client.DataWatch(znode, on_data)
         closer = [client.stop, client.close]
     elif mode == "mirror":
-        from rainer_server.keeper import CommitKeeper
-        from rainer_server.keeper import make_kazoo_client
+        from rainer_server.zk.keeper import CommitKeeper
+        from rainer_server.zk.keeper import make_kazoo_client
 
         base_path, keys = argv[2], argv[3:]
         client = make_kazoo_client(hosts)

@@ -7,20 +7,16 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
-from urllib.parse import unquote
 
 from flask import Blueprint
 from flask import Flask
 from flask import Response
 from flask import request
-from marshmallow import ValidationError
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
-from rainer_server.commit import format_mtime
 from rainer_server.commit import now
 from rainer_server.commit import parse_mtime
 from rainer_server.commit import parse_version
@@ -28,12 +24,18 @@ from rainer_server.commit import validate_key
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
+from rainer_server.errors import PayloadRejected
 from rainer_server.errors import PayloadTooLarge
 from rainer_server.errors import RainerError
 from rainer_server.errors import StorageUnavailable
-from rainer_server.extension import get_rainer
+from rainer_server.headers import HEADER_ENCODING
+from rainer_server.headers import decode_text_header
+from rainer_server.headers import is_percent_encoded
 from rainer_server.metrics import metrics
-from rainer_server.payloads import PayloadRejected
+from rainer_server.web.context import get_rainer
+from rainer_server.web.middleware import CACHED
+from rainer_server.web.middleware import payload_headers
+from rainer_server.web.middleware import prepared_headers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ JSON = "application/json"
 _TRUE = frozenset(("yes", "true", "1"))
 _FALSE = frozenset(("no", "false", "0"))
 RETRY_AFTER_SECONDS = 5
-CACHED = {"X-Rainer-Cached": "Yes"}
 
 
 def register(app: Flask, url_prefix: str) -> None:
@@ -85,58 +86,13 @@ def _version(text: str) -> int:
     return version
 
 
-HEADER_ENCODING = "X-Rainer-Header-Encoding"
-# Printable ASCII but '%': what a percent-encoded header value may keep as is.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-_TEXT_HEADERS = ("X-Rainer-Key", "X-Rainer-Author", "X-Rainer-Comment")
-
-
 def _request_header(name: str) -> str | None:
-    """A text header of the request, decoded.
-
-    With ``X-Rainer-Header-Encoding: percent`` (our client sends it when a value is not
-    printable ASCII, e.g. a multi-line comment) the key, author and comment are
-    percent-encoded UTF-8. Without it, raw bytes are read as UTF-8 when valid (WSGI hands
-    them over as latin-1), else as latin-1, which is what pyrainer sends.
-    """
+    """A text header of the request, decoded (see ``rainer_server.headers``)."""
     value = request.headers.get(name)
     if value is None:
         return None
-    if _percent_encoded_request():
-        try:
-            return unquote(value, errors="strict")
-        except UnicodeDecodeError:
-            raise InvalidCommit(f"Malformed header: {name} (not percent-encoded UTF-8)") from None
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return value
-
-
-def _percent_encoded_request() -> bool:
-    encoding = request.headers.get(HEADER_ENCODING)
-    if encoding is None:
-        return False
-    if encoding.strip().lower() != "percent":
-        raise InvalidCommit(f"Malformed header: {HEADER_ENCODING} (only 'percent' is known)")
-    return True
-
-
-def _commit_headers(commit: Commit) -> dict[str, str]:
-    texts = dict(zip(_TEXT_HEADERS, (commit.key, commit.author, commit.comment)))
-    headers = {
-        "X-Rainer-Version": str(commit.version),
-        "X-Rainer-Modified-Time": format_mtime(commit.mtime),
-        "X-Rainer-Empty": "Yes" if commit.empty else "No",
-    }
-    if all(text.isascii() and text.isprintable() for text in texts.values()):
-        headers.update(texts)
-    else:
-        # Header values must be printable ASCII to survive WSGI and proxies. The marker makes
-        # the encoding unambiguous: without it, a '%' in a value is just a '%'.
-        headers.update({name: quote(text, safe=_HEADER_SAFE) for name, text in texts.items()})
-        headers[HEADER_ENCODING] = "percent"
-    return headers
+    percent = is_percent_encoded(request.headers.get(HEADER_ENCODING))
+    return decode_text_header(name, value, percent)
 
 
 def _found(key: str, version: int | None = None) -> Commit:
@@ -146,17 +102,8 @@ def _found(key: str, version: int | None = None) -> Commit:
     return commit
 
 
-def _payload_headers(commit: Commit) -> list[tuple[str, str]]:
-    try:
-        (commit.payload or b"").decode("utf-8")
-        content_type = "text/plain; charset=UTF-8"
-    except UnicodeDecodeError:
-        content_type = "application/octet-stream"
-    return [("Content-Type", content_type), *_commit_headers(commit).items()]
-
-
 def _payload_response(commit: Commit) -> Response:
-    return Response(commit.payload or b"", 200, headers=_payload_headers(commit))
+    return Response(commit.payload or b"", 200, headers=payload_headers(commit))
 
 
 def _read_body(limit: int) -> bytes:
@@ -247,89 +194,9 @@ def get_head(key: str) -> Response:
     # The hot path of a cluster's config reads: a mirror commit never changes, so its
     # headers are built once and reused while the mirror holds that same commit object.
     headers = Headers()
-    headers[:] = _prepared_headers(get_rainer(), commit)  # a copy: hooks may change it
+    headers[:] = prepared_headers(get_rainer(), commit)  # a copy: hooks may change it
     # A list, not bytes: bytes would make werkzeug set (and check) Content-Length again.
     return _PreparedResponse([commit.payload or b""], 200, headers=headers)
-
-
-def _prepared_headers(rainer: Any, commit: Commit) -> list[tuple[str, str]]:
-    """The complete response headers of a mirror commit's payload, built once per commit."""
-    prepared = rainer.prepared_headers
-    entry = prepared.get(commit.key)
-    if entry is None or entry[0] is not commit:
-        if len(prepared) > 2 * len(rainer.mirror.current) + 100:
-            prepared.clear()  # mostly keys deleted since: rebuilt on demand
-        payload = commit.payload or b""
-        items = [*_payload_headers(commit), *CACHED.items(), ("Content-Length", str(len(payload)))]
-        entry = prepared[commit.key] = (commit, items)
-    return entry[1]
-
-
-class MirrorReads:
-    """WSGI middleware: answers ``GET <prefix>/<key>`` from the mirror without Flask.
-
-    A cluster's most frequent request, a process reading its configuration, needs a dict
-    lookup and prebuilt headers; Flask's request machinery (context, routing, response
-    object) costs several times that. Everything else goes to Flask unchanged: other methods,
-    query strings, keys the mirror lacks (and invalid ones), and every request of an app with
-    request hooks (``before_request``, ``after_request``, ``teardown_request``), which must
-    see all requests. The answer is the one ``get_head`` gives, headers included.
-    """
-
-    def __init__(self, wsgi_app: Any, app: Flask, rainer: Any, url_prefix: str) -> None:
-        self.wsgi_app = wsgi_app
-        self.app = app
-        self.rainer = rainer
-        self.prefix = url_prefix.rstrip("/") + "/"
-        #: The route label request metrics use for these answers (the Flask rule's text).
-        self.route = self.prefix + "<key>"
-        self._static_paths: frozenset[str] | None = None
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        path = environ.get("PATH_INFO", "")
-        if (
-            environ.get("REQUEST_METHOD") == "GET"
-            and path.startswith(self.prefix)
-            and not environ.get("QUERY_STRING")
-            and "/" not in path[len(self.prefix) :]
-            and not self._request_hooks()
-            and path not in self._static()
-        ):
-            view = self.rainer.cached_view()
-            if view is not None:
-                # As werkzeug decodes a WSGI path; a key in the mirror is a valid key.
-                key = path[len(self.prefix) :].encode("latin-1").decode("utf-8", "replace")
-                commit = view.current.get(key)
-                if commit is not None:
-                    environ[ROUTE_ENVIRON_KEY] = self.route
-                    start_response("200 OK", list(_prepared_headers(self.rainer, commit)))
-                    return [commit.payload or b""]
-        return self.wsgi_app(environ, start_response)
-
-    def _static(self) -> frozenset[str]:
-        # Rules without arguments win over <key> in Flask (/healthz with an empty prefix).
-        if self._static_paths is None:
-            self._static_paths = frozenset(
-                rule.rule for rule in self.app.url_map.iter_rules() if not rule.arguments
-            )
-        return self._static_paths
-
-    def _request_hooks(self) -> bool:
-        app = self.app
-        return any(
-            funcs
-            for registry in (
-                app.before_request_funcs,
-                app.after_request_funcs,
-                app.teardown_request_funcs,
-                app.url_value_preprocessors,
-            )
-            for funcs in registry.values()
-        )
-
-
-#: Where MirrorReads leaves the route label for the request metrics around it.
-ROUTE_ENVIRON_KEY = "rainer.route"
 
 
 class _PreparedResponse(Response):
@@ -446,49 +313,57 @@ def post_commit(key: str, version: str) -> Response:
 # ---------------------------------------------------------------------- errors
 
 
+# Flask picks the handler of the closest class in the error's MRO, so each type maps here once.
+
+
+@bp.errorhandler(CommitOrderingError)
+def _conflict(exc: CommitOrderingError) -> Response:
+    metrics().conflicts.inc()
+    # The original's body, which pyrainer reads.
+    conflict = {
+        "key": exc.key,
+        "expectedVersion": exc.expected_version,
+        "providedVersion": exc.provided_version,
+    }
+    return _json({"conflict": conflict}, 409)
+
+
+@bp.errorhandler(CommitNotFound)
+def _not_found(exc: CommitNotFound) -> Response:
+    return _error(404, "Key not found")
+
+
+@bp.errorhandler(PayloadTooLarge)
+def _too_large(exc: PayloadTooLarge) -> Response:
+    metrics().payloads_rejected.labels("too_large").inc()
+    return _error(413, str(exc))
+
+
+@bp.errorhandler(PayloadRejected)
+def _payload_rejected(exc: PayloadRejected) -> Response:
+    if exc.messages is None:
+        metrics().payloads_rejected.labels("malformed").inc()
+        return _error(400, str(exc))
+    metrics().payloads_rejected.labels("schema").inc()
+    return _error(400, str(exc), messages=exc.messages)
+
+
+@bp.errorhandler(InvalidCommit)
+def _invalid(exc: InvalidCommit) -> Response:
+    return _error(400, str(exc))
+
+
+@bp.errorhandler(StorageUnavailable)
+def _unavailable(exc: StorageUnavailable) -> Response:
+    response = _error(503, str(exc))
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
 @bp.errorhandler(RainerError)
 def _rainer_error(exc: RainerError) -> Response:
-    _count_refusal(exc)
-    if isinstance(exc, CommitOrderingError):
-        return _json(
-            {
-                "conflict": {
-                    "key": exc.key,
-                    "expectedVersion": exc.expected_version,
-                    "providedVersion": exc.provided_version,
-                }
-            },
-            409,
-        )
-    if isinstance(exc, CommitNotFound):
-        return _error(404, "Key not found")
-    if isinstance(exc, PayloadTooLarge):
-        return _error(413, str(exc))
-    if isinstance(exc, PayloadRejected) and exc.messages is not None:
-        return _error(400, str(exc), messages=exc.messages)
-    if isinstance(exc, InvalidCommit):
-        return _error(400, str(exc))
-    if isinstance(exc, StorageUnavailable):
-        response = _error(503, str(exc))
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
     log.error("Unexpected Rainer error: %s", exc)
     return _error(500, "Internal server error")
-
-
-def _count_refusal(exc: RainerError) -> None:
-    if isinstance(exc, CommitOrderingError):
-        metrics().conflicts.inc()
-    elif isinstance(exc, PayloadTooLarge):
-        metrics().payloads_rejected.labels("too_large").inc()
-    elif isinstance(exc, PayloadRejected):
-        reason = "schema" if exc.messages is not None else "malformed"
-        metrics().payloads_rejected.labels(reason).inc()
-
-
-@bp.errorhandler(ValidationError)
-def _validation_error(exc: ValidationError) -> Response:
-    return _error(400, "invalid request", messages=exc.messages)
 
 
 @bp.app_errorhandler(HTTPException)
@@ -503,8 +378,5 @@ def _http_error(exc: HTTPException) -> Response:
 
 @bp.app_errorhandler(Exception)
 def _unexpected_error(exc: Exception) -> Response:
-    if isinstance(exc, HTTPException):
-        return _http_error(exc)
     log.exception("Unhandled error on %s %s", request.method, request.path)
     return _error(500, "Internal server error")
-

@@ -1,7 +1,7 @@
-"""The Flask extension: wires settings, storage, payload validation and ZooKeeper into an app.
+"""The running service behind a Flask app: settings, storage, ZooKeeper, and response caches.
 
-``Rainer().init_app(app)`` mounts the API on any Flask app. Nothing is opened when the app is
-created: the database on first use, ZooKeeper on first use or from gunicorn's ``post_fork``
+Views, commands and middleware reach it with ``get_rainer()``. Nothing is opened when it is
+made: the database on first use, ZooKeeper on first use or from gunicorn's ``post_fork``
 hook, once per process. So ``preload_app`` forks no sockets and no threads.
 """
 
@@ -9,34 +9,33 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
 from typing import Any
 
-from flask import Flask
 from flask import current_app
 
+from rainer_server import metrics
 from rainer_server.payloads import PayloadValidator
 from rainer_server.settings import Settings
-from rainer_server.settings import load_settings
 from rainer_server.storage import CommitStorage
-
-if TYPE_CHECKING:
-    from kazoo.client import KazooClient
-
-    from rainer_server.keeper import CommitMirror
-    from rainer_server.rainers import Rainers
+from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import open_database
+from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.zk.keeper import make_kazoo_client
+from rainer_server.zk.mirror import CommitMirror
+from rainer_server.zk.rainers import Rainers
 
 log = logging.getLogger(__name__)
 
 
-class Rainer:
-    """Rainer's state for one Flask app, kept at ``app.extensions["rainer"]``.
+class RainerContext:
+    """One app's Rainer state, kept at ``app.extensions["rainer"]`` (``Rainer`` extends it
+    with the Flask wiring).
 
     :param storage: a storage to serve instead of the one ``RAINER_DATABASE_URL`` names;
         the embedding app owns its lifecycle.
     """
 
-    def __init__(self, app: Flask | None = None, storage: CommitStorage | None = None) -> None:
+    def __init__(self, storage: CommitStorage | None = None) -> None:
         self._given_storage = storage
         self._database_storage: CommitStorage | None = storage
         self._database_started = False
@@ -47,28 +46,10 @@ class Rainer:
         self.list_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
         # Mirror-backed payload GETs: key -> (commit, its response headers).
         self.prepared_headers: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
-        self.zk_client: KazooClient | None = None
+        # A kazoo client (typed loosely: kazoo is imported under zk/ only).
+        self.zk_client: Any = None
         self.rainers: Rainers | None = None
         self.mirror: CommitMirror | None = None
-        if app is not None:
-            self.init_app(app)
-
-    def init_app(self, app: Flask) -> None:
-        from rainer_server import admin
-        from rainer_server import api
-        from rainer_server import health
-
-        self.settings = load_settings(
-            {key.lower(): value for key, value in app.config.get_namespace("RAINER_").items()}
-        )
-        self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
-        app.extensions["rainer"] = self
-        api.register(app, self.settings.url_prefix)
-        # /healthz, /readyz, /metrics: on the app, outside the API prefix.
-        app.register_blueprint(health.bp)
-        mirror_reads = api.MirrorReads(app.wsgi_app, app, self, self.settings.url_prefix)
-        app.wsgi_app = health.RequestMetrics(mirror_reads)  # type: ignore[method-assign]
-        app.cli.add_command(admin.rainer_cli)
 
     # ------------------------------------------------------------------ storage
 
@@ -97,9 +78,6 @@ class Rainer:
 
     def open_storage(self) -> CommitStorage:
         """A new, unstarted storage as the settings describe it."""
-        from rainer_server.storage.db import DbCommitStorage
-        from rainer_server.storage.db import open_database
-
         return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
 
     # ------------------------------------------------------------------ ZooKeeper
@@ -124,10 +102,6 @@ class Rainer:
         with self._lock:
             if self.rainers is not None:
                 return
-            from rainer_server.keeper import CommitKeeper
-            from rainer_server.keeper import make_kazoo_client
-            from rainer_server.rainers import Rainers
-
             settings = self.settings
             client = make_kazoo_client(settings.zk_hosts, settings.zk_session_timeout)
             # start_async: a ZooKeeper that is down at boot must not hold up requests; the
@@ -144,10 +118,8 @@ class Rainer:
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
             )
-            from rainer_server.metrics import metrics
-
             # Before the publisher starts, so that no leadership change is missed.
-            metrics().zookeeper.watch(client, mirror, rainers.auto_publisher)
+            rainers.report_to(metrics.metrics().zookeeper, mirror)
             rainers.auto_publisher.start()
             self.zk_client, self.mirror, self.rainers = client, mirror, rainers
             log.info("Rainer connected to ZooKeeper at %s%s", settings.zk_hosts, settings.zk_path)
@@ -178,6 +150,8 @@ class Rainer:
                 self._database_started = False
 
 
-def get_rainer(app: Any = None) -> Rainer:
-    """The ``Rainer`` of ``app`` (default: the current app)."""
+
+
+def get_rainer(app: Any = None) -> RainerContext:
+    """The Rainer state of ``app`` (default: the current app)."""
     return (app or current_app).extensions["rainer"]

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint
 from flask import Response
 from flask import request
 
-from rainer_server.api import ROUTE_ENVIRON_KEY
 from rainer_server.errors import RainerError
-from rainer_server.extension import get_rainer
 from rainer_server.metrics import exposition
-from rainer_server.metrics import metrics
+from rainer_server.web.context import get_rainer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +26,6 @@ bp = Blueprint("rainer_health", __name__)
 # that goes through the storage's own connection handling, timeouts and reconnects.
 READY_PROBE_KEY = "readyz/probe"
 NO_STORE = {"Cache-Control": "no-store"}
-_UNMATCHED = "<unmatched>"
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -84,49 +79,3 @@ def prometheus_metrics() -> Response:
     return Response(body, 200, content_type=content_type, headers=NO_STORE)
 
 
-# ---------------------------------------------------------------------- request metrics
-
-_metrics_failed = False
-
-
-class RequestMetrics:
-    """WSGI middleware: counts and times every request of the app it wraps.
-
-    Middleware rather than Flask's before/after-request hooks: those cost a hook dispatch, ``g``
-    and context-local lookups per request, a tenth of a mirror-backed read. The route label is
-    the URL rule Flask matched (never the raw path, so keys cannot explode the series), read
-    from the request object werkzeug puts in the environ.
-    """
-
-    def __init__(self, wsgi_app: Callable[..., Any]) -> None:
-        self.wsgi_app = wsgi_app
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        started = time.perf_counter()
-        status, route = "500", _UNMATCHED
-
-        def capturing_start_response(status_line: str, *args: Any) -> Any:
-            nonlocal status, route
-            status = status_line
-            # Flask clears environ["werkzeug.request"] when the request ends: read it now.
-            rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
-            if rule is not None:
-                route = rule.rule
-            return start_response(status_line, *args)
-
-        try:
-            return self.wsgi_app(environ, capturing_start_response)
-        finally:
-            route = environ.get(ROUTE_ENVIRON_KEY, route)  # answered by api.MirrorReads
-            _observe(environ.get("REQUEST_METHOD", ""), route, status, time.perf_counter() - started)
-
-
-def _observe(method: str, route: str, status: str, seconds: float) -> None:
-    global _metrics_failed
-    try:
-        metrics().observe_request(method, route, int(status[:3]), seconds)
-    except Exception:
-        # Metrics must never fail a request (e.g. the multiprocess directory was removed).
-        if not _metrics_failed:
-            _metrics_failed = True
-            log.exception("Cannot record request metrics; further failures are not logged")

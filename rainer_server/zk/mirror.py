@@ -1,22 +1,12 @@
-"""The keeper: each key's latest non-empty commit in ZooKeeper, and live mirrors of them.
-
-Layout under the keeper's base path (spec §5), shared with the original JVM Rainer::
-
-    <base>/data/<key>     the key's latest non-empty commit, in the wire format of spec §2
-    <base>/election/      kazoo/Curator leader election of the auto-publishers
-
-ZooKeeper is a cache of the system of record, never the record itself: every write here is a
-compare-and-set on the znode's stat version, so a slow or stale writer can lose a race but can
-never roll a key back.
+"""The mirror: a live, immutable view of every key's latest commit under a keeper's ``data/``.
 
 Threading rules (kazoo's callback thread is shared by every watch and recipe of a client):
 watch callbacks here only swap in-memory state. Anything that blocks on ZooKeeper runs on the
-caller's thread or on the mirror's own worker threads.
+mirror's own worker thread.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -24,39 +14,35 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING
 from typing import Any
+from typing import Protocol
 
 import immutables
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadArgumentsError
-from kazoo.exceptions import BadVersionError
-from kazoo.exceptions import KazooException
-from kazoo.exceptions import NodeExistsError
 from kazoo.exceptions import NoNodeError
 from kazoo.protocol.states import EventType
 from kazoo.protocol.states import KazooState
-from kazoo.retry import KazooRetry
 
 from rainer_server.commit import Commit
-from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
-
-if TYPE_CHECKING:
-    from rainer_server.publisher import AutoPublisher
-    from rainer_server.storage import CommitStorage
+from rainer_server.zk.znode import describe_size
+from rainer_server.zk.znode import parse_znode
 
 log = logging.getLogger(__name__)
 
-#: ZooKeeper refuses packets over ``jute.maxbuffer`` (1 MiB - 1 by default) by *dropping the
-#: connection*, which would suspend every recipe on the client. Refusing a bit below that limit
-#: turns one oversized commit into one logged error instead of a reconnect storm.
-DEFAULT_MAX_ZNODE_BYTES = 1_000_000
 
-#: How long one keeper call may wait on ZooKeeper. Writers (the keeper-publishing storage) must
-#: not hang on an unreachable ensemble: the auto-publisher repairs whatever they skip.
-DEFAULT_TIMEOUT = 2.0
+class ZnodeSource(Protocol):
+    """What a mirror reads through: a ``CommitKeeper`` (which builds its mirrors with
+    ``keeper.mirror()``; naming the class here would tie the two modules in a loop)."""
+
+    client: KazooClient
+    data_path: str
+    timeout: float
+
+    def znode(self, key: str) -> str: ...
+
+    def wait_for(self, result: Any, deadline: float) -> Any: ...
 
 #: Least seconds between two listings of ``data/`` while keys are being created or deleted.
 CHILDREN_RELIST_INTERVAL = 0.05
@@ -65,346 +51,6 @@ CHILDREN_RELIST_INTERVAL = 0.05
 CHILDREN_LISTING_SHARE = 0.1
 #: ...and never later than this.
 CHILDREN_RELIST_MAX_INTERVAL = 1.0
-
-
-def make_kazoo_client(hosts: str, session_timeout: float = 10.0, **kwargs: Any) -> KazooClient:
-    """Build (but do not start) a ``KazooClient`` whose retries back off to at most ~1 s.
-
-    kazoo's default reconnect backoff grows to an hour; after an outage a keeper would then
-    stay disconnected long after ZooKeeper is back. Capped at about a second, a keeper
-    converges within one publish period plus a few seconds.
-
-    :param hosts: kazoo hosts string, optionally with a chroot (``"zk1:2181,zk2:2181/rainer"``).
-    :param session_timeout: the ZooKeeper session timeout in seconds.
-    :param kwargs: passed on to ``KazooClient``.
-    """
-    # Infinite tries, like kazoo's defaults: recipes (watches, the election) must survive any
-    # outage. Only the delay between tries changes. Jitter <= 0.2 keeps a try within ~1.2 s.
-    connection_retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.2, max_delay=1.0)
-    command_retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.2, max_delay=1.0)
-    return KazooClient(
-        hosts=hosts,
-        timeout=session_timeout,
-        connection_retry=connection_retry,
-        command_retry=command_retry,
-        **kwargs,
-    )
-
-
-class CommitTooLarge(KeeperError):
-    """A commit that serializes larger than the keeper's ``max_znode_bytes``."""
-
-    def __init__(self, commit: Commit, size: int, limit: int) -> None:
-        super().__init__(
-            f"Commit {commit.key} (version[{commit.version}]) is too big for ZooKeeper: "
-            f"{size} bytes, the limit is {limit}"
-        )
-        self.key = commit.key
-        self.size = size
-        self.limit = limit
-
-
-class SaveResult(str, enum.Enum):
-    """What ``CommitKeeper.save`` did to the znode."""
-
-    CREATED = "created"
-    UPDATED = "updated"
-    DELETED = "deleted"
-    UNCHANGED = "unchanged"
-
-
-def _join(parent: str, child: str) -> str:
-    return parent.rstrip("/") + "/" + child
-
-
-def _trim(data: bytes) -> str:
-    # A znode's payload may hold secrets: log its size only, never its bytes.
-    return f"[{len(data)} bytes]"
-
-
-def parse_znode(key: str, data: bytes) -> Commit:
-    """Parse a znode's data as the commit of ``key``.
-
-    :raises InvalidCommit: when the data is not a commit in the wire format, or is the commit
-        of another key (the original refused those too).
-    """
-    commit = Commit.deserialize(data)
-    if commit.key != key:
-        raise InvalidCommit(f"Commit has wrong name: expected '{key}', got '{commit.key}'")
-    return commit
-
-
-class CommitKeeper:
-    """ZooKeeper storage and notification of each key's most current commit.
-
-    Not a ``CommitStorage``: it keeps no history, and empty or unparseable commits are not
-    kept at all.
-
-    :param client: a kazoo client; the keeper neither starts nor stops it.
-    :param base_path: the keeper's root (``/rainer``); ``data/`` and ``election/`` live below.
-    :param timeout: the longest one call waits on ZooKeeper, in seconds.
-    :param max_znode_bytes: commits that serialize larger than this are refused.
-    """
-
-    def __init__(
-        self,
-        client: KazooClient,
-        base_path: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_znode_bytes: int = DEFAULT_MAX_ZNODE_BYTES,
-    ) -> None:
-        self.client = client
-        self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else "/"
-        self.data_path = _join(self.base_path, "data")
-        self.election_path = _join(self.base_path, "election")
-        self.timeout = timeout
-        self.max_znode_bytes = max_znode_bytes
-        # A worker's first writes race its client's first connection (started in the
-        # background): until then, calls wait for it, at most ``timeout`` after this point.
-        self._first_connect_deadline = time.monotonic() + timeout
-
-    def __repr__(self) -> str:
-        return f"CommitKeeper({self.base_path!r})"
-
-    def znode(self, key: str) -> str:
-        """The path of ``key``'s znode."""
-        return _join(self.data_path, key)
-
-    # ------------------------------------------------------------------ reads
-
-    def get(self, key: str) -> Commit | None:
-        """The commit in ``key``'s znode, or ``None`` when there is none.
-
-        :raises InvalidCommit: when the znode exists but does not parse (as the original did).
-        :raises KeeperError: when ZooKeeper cannot be reached in time.
-        """
-        deadline = self._start()
-        data, _stat = self._read_znode(self.znode(key), deadline)
-        return None if data is None else parse_znode(key, data)
-
-    def keys(self) -> list[str]:
-        """Every key with a znode, sorted (unparseable ones included)."""
-        deadline = self._start()
-        try:
-            children = self._wait(self.client.get_children_async(self.data_path), deadline)
-        except NoNodeError:
-            return []
-        return sorted(children)
-
-    def heads(self) -> dict[str, Commit]:
-        """A point-in-time map key -> commit of every parseable znode.
-
-        Unlike ``get``, an unparseable znode is logged and left out (as the mirror does), so one
-        corrupt key cannot hide all the others.
-        """
-        keys = self.keys()
-        # Pipelined: every read is in flight at once, so 10k keys cost one round trip plus
-        # kazoo's per-request overhead rather than 10k round trips.
-        pending = [(key, self.client.get_async(self.znode(key))) for key in keys]
-        heads: dict[str, Commit] = {}
-        for key, result in pending:
-            try:
-                # A deadline per answer, not per call: 10k answers may take longer than one
-                # timeout, but a silent ZooKeeper is still noticed within one.
-                data, _stat = self._wait(result, time.monotonic() + self.timeout)
-            except NoNodeError:
-                continue  # deleted since it was listed
-            try:
-                heads[key] = parse_znode(key, data)
-            except InvalidCommit as exc:
-                log.error("Commit with bad serialization: %s: %s, data = %s", key, exc, _trim(data))
-        return heads
-
-    def mirror(self, timeout: float | None = 30.0, wait: bool = True) -> CommitMirror:
-        """Open a live view of every znode under ``data/``, complete when returned.
-
-        Close it (or use it as a context manager) when no longer needed.
-
-        :param timeout: how long to wait for the first complete view; ``None`` waits forever.
-        :param wait: ``False`` returns at once; ``initialized`` then tells when it is complete.
-        :raises KeeperError: when the view is not complete in time (the mirror is closed).
-        """
-        mirror = CommitMirror(self)
-        mirror.start()
-        if wait and not mirror.wait_initialized(timeout):
-            mirror.close()
-            raise KeeperError(f"Mirror of {self.data_path} not initialized within {timeout} s")
-        return mirror
-
-    # ------------------------------------------------------------------ writes
-
-    def save(self, commit: Commit) -> SaveResult:
-        """Publish ``commit`` to its znode according to spec §5's table.
-
-        Never rolls a key back: a commit whose version is not above the znode's (and which is
-        not the very same commit) is refused.
-
-        :raises ConcurrentCommitError: on a refused rollback or a lost compare-and-set.
-        :raises KeeperError: when ZooKeeper cannot be reached in time, or the commit is too big.
-        :raises InvalidCommit: when ZooKeeper refuses the key as a znode name.
-        """
-        key = commit.key
-        path = self.znode(key)
-        deadline = self._start()
-        data, stat = self._read_znode(path, deadline)
-
-        if data is None:
-            if commit.empty:
-                log.debug(
-                    "No need to create empty commit %s (version[%s] znode[%s])",
-                    key,
-                    commit.version,
-                    path,
-                )
-                return SaveResult.UNCHANGED
-            payload = self._serialize(commit)
-            log.info("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
-            self._write(
-                self.client.create_async(path, payload, makepath=True), deadline, commit, None
-            )
-            return SaveResult.CREATED
-
-        try:
-            existing: Commit | None = parse_znode(key, data)
-        except InvalidCommit:
-            existing = None
-
-        if existing is None:
-            log.warning(
-                "Replacing corrupt commit %s (from version[unknown] to version[%s] znode[%s])",
-                key,
-                commit.version,
-                path,
-            )
-            if commit.empty:
-                self._write(
-                    self.client.delete_async(path, version=stat.version), deadline, commit, None
-                )
-                return SaveResult.DELETED
-            payload = self._serialize(commit)
-            self._write(
-                self.client.set_async(path, payload, version=stat.version), deadline, commit, None
-            )
-            return SaveResult.UPDATED
-
-        if commit.empty and commit.version > existing.version:
-            log.info("Removing commit[%s] (znode[%s])", key, path)
-            self._write(
-                self.client.delete_async(path, version=stat.version), deadline, commit, existing
-            )
-            return SaveResult.DELETED
-        if commit == existing:
-            log.debug("No change to commit[%s] (version[%s] znode[%s])", key, commit.version, path)
-            return SaveResult.UNCHANGED
-        if commit.version > existing.version:
-            payload = self._serialize(commit)
-            log.info(
-                "Updating commit %s (from version[%s] to version[%s] znode[%s])",
-                key,
-                existing.version,
-                commit.version,
-                path,
-            )
-            self._write(
-                self.client.set_async(path, payload, version=stat.version),
-                deadline,
-                commit,
-                existing,
-            )
-            return SaveResult.UPDATED
-        # Same or older version with different content: publishing it would be a rollback, or
-        # would overwrite a commit that some other writer got in first.
-        raise ConcurrentCommitError(
-            key,
-            "Refusing to update commit %s (from version[%s] to version[%s] znode[%s])"
-            % (key, existing.version, commit.version, path),
-        )
-
-    def auto_publisher(
-        self,
-        storage: CommitStorage,
-        period: float = 90.0,
-        fuzz: float = 0.2,
-        delay: bool = True,
-        **kwargs: Any,
-    ) -> AutoPublisher:
-        """An elected publisher of ``storage``'s heads to this keeper (not yet started).
-
-        :param kwargs: passed on to ``AutoPublisher`` (``mirror``, ``clock``, ``sleep``, ...).
-        """
-        from rainer_server.publisher import AutoPublisher
-
-        return AutoPublisher(
-            self.client,
-            self,
-            storage,
-            self.election_path,
-            period=period,
-            fuzz=fuzz,
-            delay=delay,
-            **kwargs,
-        )
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _start(self) -> float:
-        # kazoo queues requests while disconnected and its synchronous calls then block until
-        # the connection is back. Failing fast here (and bounding every wait below) is what
-        # keeps a writer from hanging on an unreachable ensemble.
-        while not self.client.connected and time.monotonic() < self._first_connect_deadline:
-            time.sleep(0.01)
-        if not self.client.connected:
-            raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
-        return time.monotonic() + self.timeout
-
-    def _wait(self, result: Any, deadline: float) -> Any:
-        """Wait for an async kazoo result until ``deadline``, translating kazoo's failures."""
-        try:
-            return result.get(timeout=max(0.0, deadline - time.monotonic()))
-        except (NoNodeError, NodeExistsError, BadVersionError):
-            raise  # the callers give these a meaning
-        except BadArgumentsError as exc:
-            # ZooKeeper refuses some names our keys allow (e.g. U+E000-U+F8FF, U+FFF0-U+FFFF):
-            # a problem of that key, not of ZooKeeper.
-            raise InvalidCommit(f"ZooKeeper refuses this key or data: {exc!r}") from exc
-        except self.client.handler.timeout_exception as exc:
-            raise KeeperError(f"ZooKeeper did not answer within {self.timeout} s") from exc
-        except KazooException as exc:
-            raise KeeperError(f"ZooKeeper error: {exc!r}") from exc
-
-    def _read_znode(self, path: str, deadline: float) -> tuple[bytes | None, Any]:
-        """``(data, stat)`` of ``path``, or ``(None, None)`` when absent."""
-        try:
-            data, stat = self._wait(self.client.get_async(path), deadline)
-        except NoNodeError:
-            return None, None
-        return data, stat
-
-    def _serialize(self, commit: Commit) -> bytes:
-        payload = commit.serialize()
-        if len(payload) > self.max_znode_bytes:
-            raise CommitTooLarge(commit, len(payload), self.max_znode_bytes)
-        return payload
-
-    def _write(self, result: Any, deadline: float, commit: Commit, existing: Commit | None) -> None:
-        # A write that times out stays queued in kazoo and may still reach the server later;
-        # that is harmless because every write is conditional (stat version, or create).
-        try:
-            self._wait(result, deadline)
-        except (BadVersionError, NodeExistsError, NoNodeError) as exc:
-            raise ConcurrentCommitError(
-                commit.key,
-                "Concurrent modification when trying to update commit: %s "
-                "(from version[%s] to version[%s] znode[%s]): %r"
-                % (
-                    commit.key,
-                    "unknown" if existing is None else existing.version,
-                    commit.version,
-                    self.znode(commit.key),
-                    exc,
-                ),
-            ) from exc
 
 
 class _KeyWatch:
@@ -470,7 +116,7 @@ class CommitMirror:
     notifies subscribers. After a session loss (watches gone) every key is read again.
     """
 
-    def __init__(self, keeper: CommitKeeper) -> None:
+    def __init__(self, keeper: ZnodeSource) -> None:
         self.keeper = keeper
         self.client = keeper.client
         self.data_path = keeper.data_path
@@ -614,16 +260,16 @@ class CommitMirror:
             try:
                 deadline = listed_at + self.keeper.timeout
                 if not ensured:
-                    self.keeper._wait(self.client.ensure_path_async(self.data_path), deadline)
+                    self.keeper.wait_for(self.client.ensure_path_async(self.data_path), deadline)
                     ensured = True
                 try:
-                    children = self.keeper._wait(
+                    children = self.keeper.wait_for(
                         self.client.get_children_async(self.data_path, watch=on_event), deadline
                     )
                 except NoNodeError:
                     children = []
                     exists = self.client.exists_async(self.data_path, watch=on_event)
-                    if self.keeper._wait(exists, deadline) is not None:
+                    if self.keeper.wait_for(exists, deadline) is not None:
                         changed.set()  # created in between: list it right away
             except KeeperError as exc:
                 log.warning("Mirror of %s: cannot list keys yet: %s", self.data_path, exc)
@@ -761,7 +407,7 @@ class CommitMirror:
                         "added" if key not in self._commits else "updated",
                         key,
                         exc,
-                        _trim(data),
+                        describe_size(data),
                     )
                     if key in self._commits:
                         self._commits = self._commits.delete(key)
@@ -815,14 +461,4 @@ class CommitMirror:
             log.exception("Mirror subscriber %r failed", fn)
 
 
-__all__ = [
-    "DEFAULT_MAX_ZNODE_BYTES",
-    "DEFAULT_TIMEOUT",
-    "CommitKeeper",
-    "CommitMirror",
-    "CommitTooLarge",
-    "MirrorView",
-    "SaveResult",
-    "make_kazoo_client",
-    "parse_znode",
-]
+__all__ = ["CommitMirror", "MirrorView"]

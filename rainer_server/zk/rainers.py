@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from kazoo.client import KazooClient
+from kazoo.protocol.states import KazooState
 
-from rainer_server.keeper import CommitKeeper
-from rainer_server.publisher import AutoPublisher
+from rainer_server.commit import Commit
+from rainer_server.metrics import ZooKeeperMetrics
 from rainer_server.storage import CommitStorage
-from rainer_server.storage.publishing import keeper_publishing
+from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.zk.mirror import CommitMirror
+from rainer_server.zk.publisher import AutoPublisher
+from rainer_server.zk.publishing import keeper_publishing
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,14 @@ class Rainers:
         )
         storage = keeper_publishing(underlying_storage, keeper)
         # The publisher reads the underlying storage: its heads are the truth to publish.
-        auto_publisher = keeper.auto_publisher(
-            underlying_storage, period=period, fuzz=fuzz, delay=delay, **publisher_kwargs
+        auto_publisher = AutoPublisher(
+            kazoo_client,
+            keeper,
+            underlying_storage,
+            period=period,
+            fuzz=fuzz,
+            delay=delay,
+            **publisher_kwargs,
         )
         return cls(storage, keeper, auto_publisher)
 
@@ -78,6 +89,27 @@ class Rainers:
 
     def __repr__(self) -> str:
         return f"Rainers({self.keeper!r})"
+
+    def report_to(self, gauges: ZooKeeperMetrics, mirror: CommitMirror) -> None:
+        """Keep this process's ZooKeeper, mirror and leadership gauges current.
+
+        Call it before ``start()``, so that no leadership change is missed. The callbacks run
+        on kazoo's and the mirror's threads: they only set gauges.
+        """
+        client = self.keeper.client
+
+        def on_view(view: Mapping[str, Commit]) -> None:
+            # Views are delivered only once the mirror is complete (last_update is set just
+            # before); the call made at subscription time is the empty, incomplete one.
+            gauges.observe_mirror(len(view), complete=mirror.last_update is not None)
+
+        gauges.observe_leadership(False)
+        gauges.observe_mirror(0, complete=False)
+        client.add_listener(lambda state: gauges.observe_connection(state == KazooState.CONNECTED))
+        gauges.observe_connection(client.state == KazooState.CONNECTED)
+        mirror.subscribe(on_view)
+        self.auto_publisher.leader_listeners.append(gauges.observe_leadership)
+        self.auto_publisher.pass_listeners.append(gauges.observe_pass)
 
 
 __all__ = ["Rainers"]

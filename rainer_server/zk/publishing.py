@@ -8,16 +8,12 @@ elected auto-publisher repairs ZooKeeper within a period.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 from rainer_server.commit import Commit
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import RainerError
 from rainer_server.storage import CommitStorage
 from rainer_server.storage import with_post_save_hook
-
-if TYPE_CHECKING:
-    from rainer_server.keeper import CommitKeeper
+from rainer_server.zk.keeper import CommitKeeper
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from kazoo.client import KazooClient
@@ -29,13 +30,13 @@ from kazoo.exceptions import KazooException
 from kazoo.protocol.states import KazooState
 
 from rainer_server.commit import Commit
+from rainer_server.errors import CommitTooLarge
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import KeeperError
 from rainer_server.errors import RainerError
-from rainer_server.keeper import CommitKeeper
-from rainer_server.keeper import CommitMirror
-from rainer_server.keeper import CommitTooLarge
 from rainer_server.storage import CommitStorage
+from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.zk.mirror import CommitMirror
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,78 @@ class PublishCounts:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def publish_heads(
+    keeper: CommitKeeper,
+    heads: Mapping[str, Commit],
+    counts: PublishCounts,
+    *,
+    published: Mapping[str, Commit] | None = None,
+    unparseable: AbstractSet[str] = frozenset(),
+    may_write: Callable[[], bool] = lambda: True,
+    on_problem: Callable[[str, str, Exception], object] | None = None,
+    on_key: Callable[[str], object] | None = None,
+) -> None:
+    """Publish each of ``heads`` to ``keeper``, adding what happened to each key to ``counts``.
+
+    The one place that decides what a failed key counts as (the elected publisher and
+    ``flask rainer publish`` both use it): a newer or different commit in ZooKeeper, a commit
+    too big or a key ZooKeeper refuses is *refused* (it repeats every pass until the storage
+    catches up, which is the point); an unreachable or failing ZooKeeper is *failed*.
+
+    :param published: what ZooKeeper is known to hold (a mirror's view, or ``keeper.heads()``);
+        keys it already shows are skipped without a round trip. ``None``: read every znode.
+    :param unparseable: keys whose znode exists but does not parse; always written.
+    :param may_write: checked before each write; when false the pass stops (``aborted``).
+    :param on_problem: called with ``(key, "refused" or "failed", error)`` for each such key.
+    :param on_key: called with each key before it is handled (progress).
+    """
+    failures_in_a_row = 0
+    for key, commit in heads.items():
+        if on_key is not None:
+            on_key(key)
+        if published is not None and key not in unparseable:
+            # A mirror may lag a little; a write it hides is made on the next pass.
+            known = published.get(key)
+            if known == commit or (known is None and commit.empty):
+                counts.unchanged += 1
+                continue
+        if not may_write():
+            counts.aborted = True
+            log.warning("Stopped publishing commits: no longer leader or connected")
+            return
+        if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+            # Connected but not answering: each key would wait out the keeper's timeout.
+            counts.aborted = True
+            log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+            return
+        try:
+            result = keeper.save(commit)
+        except ConcurrentCommitError as exc:
+            outcome, error = "refused", exc
+            log.warning("Failed to publish commit, will try again soon: %s: %s", key, exc)
+        except CommitTooLarge as exc:
+            outcome, error = "refused", exc
+            log.error("Cannot publish commit %s: %s", key, exc)
+        except KeeperError as exc:
+            outcome, error = "failed", exc
+            log.warning("Failed to publish commit %s: %s", key, exc)
+        except RainerError as exc:
+            outcome, error = "refused", exc
+            log.warning("Failed to publish commit %s: %s", key, exc)
+        except Exception as exc:
+            outcome, error = "failed", exc
+            log.exception("Failed to publish commit %s", key)
+        else:
+            # SaveResult values are the names of the matching counters.
+            setattr(counts, result.value, getattr(counts, result.value) + 1)
+            failures_in_a_row = 0
+            continue
+        setattr(counts, outcome, getattr(counts, outcome) + 1)
+        failures_in_a_row = failures_in_a_row + 1 if outcome == "failed" else 0
+        if on_problem is not None:
+            on_problem(key, outcome, error)
 
 
 class AutoPublisher:
@@ -236,7 +309,14 @@ class AutoPublisher:
             try:
                 heads = self.storage.heads()
                 mirror = self._get_mirror(fence)
-                self._publish_heads(heads, mirror, fence, counts)
+                publish_heads(
+                    self.keeper,
+                    heads,
+                    counts,
+                    published=mirror.current if mirror is not None else None,
+                    unparseable=mirror.unparseable if mirror is not None else frozenset(),
+                    may_write=fence,
+                )
             except Exception as exc:
                 # E.g. the database is down: an aborted pass, which listeners (metrics) see too.
                 counts.aborted = True
@@ -269,61 +349,6 @@ class AutoPublisher:
             " (aborted)" if counts.aborted else "",
         )
         return counts
-
-    def _publish_heads(
-        self,
-        heads: Mapping[str, Commit],
-        mirror: CommitMirror | None,
-        fence: Callable[[], bool],
-        counts: PublishCounts,
-    ) -> None:
-        view = mirror.current if mirror is not None else None
-        unparseable = mirror.unparseable if mirror is not None else frozenset()
-        failures_in_a_row = 0
-        for key, commit in heads.items():
-            if view is not None and key not in unparseable:
-                # The mirror may lag a little; a write it hides is made on the next pass.
-                known = view.get(key)
-                if known == commit or (known is None and commit.empty):
-                    counts.unchanged += 1
-                    continue
-            if not fence():
-                counts.aborted = True
-                log.warning("Stopped publishing commits: no longer leader or connected")
-                return
-            if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
-                # Connected but not answering: each key would wait out the keeper's timeout.
-                counts.aborted = True
-                log.warning("Stopped publishing commits: ZooKeeper keeps failing")
-                return
-            try:
-                result = self.keeper.save(commit)
-            except ConcurrentCommitError as exc:
-                # Someone published a newer or different commit: never roll it back. Repeats
-                # every pass until the storage catches up, which is the point.
-                log.warning("Failed to publish commit, will try again soon: %s: %s", key, exc)
-                counts.refused += 1
-                failures_in_a_row = 0
-            except CommitTooLarge as exc:
-                log.error("Cannot publish commit %s: %s", key, exc)
-                counts.refused += 1
-                failures_in_a_row = 0
-            except KeeperError as exc:
-                log.warning("Failed to publish commit %s: %s", key, exc)
-                counts.failed += 1
-                failures_in_a_row += 1
-            except RainerError as exc:
-                log.warning("Failed to publish commit %s: %s", key, exc)
-                counts.refused += 1
-                failures_in_a_row = 0
-            except Exception:
-                log.exception("Failed to publish commit %s", key)
-                counts.failed += 1
-                failures_in_a_row += 1
-            else:
-                # SaveResult values are the names of the matching counters.
-                setattr(counts, result.value, getattr(counts, result.value) + 1)
-                failures_in_a_row = 0
 
     def _get_mirror(self, fence: Callable[[], bool]) -> CommitMirror | None:
         """The mirror to compare against, or ``None`` to read each znode instead.
@@ -474,4 +499,4 @@ class AutoPublisher:
         return True
 
 
-__all__ = ["AutoPublisher", "PublishCounts", "default_identifier"]
+__all__ = ["AutoPublisher", "PublishCounts", "default_identifier", "publish_heads"]

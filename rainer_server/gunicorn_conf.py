@@ -1,0 +1,58 @@
+"""gunicorn settings for Rainer: ``gunicorn -c python:rainer_server.gunicorn_conf rainer_server.wsgi:app``
+(``config/gunicorn.conf.py`` and ``wsgi.py`` at the top of a checkout are shims over these).
+
+Command-line flags (``--bind``, ``--workers``) override these. Hooks stay thin: the logic lives
+in ``rainer_server.gunicorn_hooks``.
+"""
+
+import os
+
+from rainer_server import gunicorn_hooks
+
+# Prometheus multiprocess mode: every worker writes its metrics to files in this directory
+# and /metrics adds them up. It must be set before the (preloaded) app imports
+# prometheus_client; a given PROMETHEUS_MULTIPROC_DIR is emptied, else a fresh temporary one
+# is made (and removed on exit).
+gunicorn_hooks.prepare_metrics_dir()
+
+bind = os.environ.get("RAINER_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("RAINER_WORKERS", "2"))
+worker_class = "sync"
+# Database timeouts (3 s connect, 10 s read/write) sit well below this, so a sick database
+# becomes a 503 rather than a killed worker.
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+# Load the app once in the master: a bad setting stops startup with one line instead of
+# every worker failing in a loop. create_app opens no sockets and starts no threads.
+preload_app = True
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+# The proxy in front (deploy/nginx/rainer.conf) runs on the same host: trust its
+# X-Forwarded-Proto. Behind a proxy elsewhere, set FORWARDED_ALLOW_IPS to its address.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# The default format plus the client address nginx forwards and the time taken (ms).
+access_log_format = (
+    '%(h)s %({x-forwarded-for}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
+)
+
+
+def when_ready(server):
+    gunicorn_hooks.when_ready(server)
+
+
+def post_fork(server, worker):
+    gunicorn_hooks.post_fork(server, worker)
+
+
+def worker_exit(server, worker):
+    gunicorn_hooks.worker_exit(server, worker)
+
+
+def child_exit(server, worker):
+    gunicorn_hooks.child_exit(server, worker)
+
+
+def on_exit(server):
+    gunicorn_hooks.on_exit(server)

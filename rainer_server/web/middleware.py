@@ -1,0 +1,159 @@
+"""WSGI middleware around the Flask app: mirror-backed reads and request metrics.
+
+Middleware rather than Flask's hooks because both sit on the hottest path of a cluster, a
+process reading its configuration: Flask's request machinery (context, routing, hooks,
+response object) costs several times a dict lookup and prebuilt headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+
+from rainer_server.commit import Commit
+from rainer_server.headers import commit_headers
+from rainer_server.metrics import metrics
+from rainer_server.web.context import RainerContext
+
+log = logging.getLogger(__name__)
+
+CACHED = {"X-Rainer-Cached": "Yes"}
+#: Where MirrorReads leaves the route label for the request metrics around it.
+ROUTE_ENVIRON_KEY = "rainer.route"
+_UNMATCHED = "<unmatched>"
+
+
+def payload_headers(commit: Commit) -> list[tuple[str, str]]:
+    """The headers of ``GET /<key>``: content type and the commit's meta."""
+    try:
+        (commit.payload or b"").decode("utf-8")
+        content_type = "text/plain; charset=UTF-8"
+    except UnicodeDecodeError:
+        content_type = "application/octet-stream"
+    return [("Content-Type", content_type), *commit_headers(commit).items()]
+
+
+def prepared_headers(rainer: RainerContext, commit: Commit) -> list[tuple[str, str]]:
+    """The complete response headers of a mirror commit's payload, built once per commit."""
+    prepared = rainer.prepared_headers
+    entry = prepared.get(commit.key)
+    if entry is None or entry[0] is not commit:
+        if len(prepared) > 2 * len(rainer.mirror.current) + 100:
+            prepared.clear()  # mostly keys deleted since: rebuilt on demand
+        payload = commit.payload or b""
+        items = [*payload_headers(commit), *CACHED.items(), ("Content-Length", str(len(payload)))]
+        entry = prepared[commit.key] = (commit, items)
+    return entry[1]
+
+
+class MirrorReads:
+    """WSGI middleware: answers ``GET <prefix>/<key>`` from the mirror without Flask.
+
+    A cluster's most frequent request, a process reading its configuration, needs a dict
+    lookup and prebuilt headers; Flask's request machinery (context, routing, response
+    object) costs several times that. Everything else goes to Flask unchanged: other methods,
+    query strings, keys the mirror lacks (and invalid ones), and every request of an app with
+    request hooks (``before_request``, ``after_request``, ``teardown_request``), which must
+    see all requests. The answer is the one ``get_head`` gives, headers included.
+    """
+
+    def __init__(self, wsgi_app: Any, app: Flask, rainer: RainerContext, url_prefix: str) -> None:
+        self.wsgi_app = wsgi_app
+        self.app = app
+        self.rainer = rainer
+        self.prefix = url_prefix.rstrip("/") + "/"
+        #: The route label request metrics use for these answers (the Flask rule's text).
+        self.route = self.prefix + "<key>"
+        self._static_paths: frozenset[str] | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if (
+            environ.get("REQUEST_METHOD") == "GET"
+            and path.startswith(self.prefix)
+            and not environ.get("QUERY_STRING")
+            and "/" not in path[len(self.prefix) :]
+            and not self._request_hooks()
+            and path not in self._static()
+        ):
+            view = self.rainer.cached_view()
+            if view is not None:
+                # As werkzeug decodes a WSGI path; a key in the mirror is a valid key.
+                key = path[len(self.prefix) :].encode("latin-1").decode("utf-8", "replace")
+                commit = view.current.get(key)
+                if commit is not None:
+                    environ[ROUTE_ENVIRON_KEY] = self.route
+                    start_response("200 OK", list(prepared_headers(self.rainer, commit)))
+                    return [commit.payload or b""]
+        return self.wsgi_app(environ, start_response)
+
+    def _static(self) -> frozenset[str]:
+        # Rules without arguments win over <key> in Flask (/healthz with an empty prefix).
+        if self._static_paths is None:
+            self._static_paths = frozenset(
+                rule.rule for rule in self.app.url_map.iter_rules() if not rule.arguments
+            )
+        return self._static_paths
+
+    def _request_hooks(self) -> bool:
+        app = self.app
+        return any(
+            funcs
+            for registry in (
+                app.before_request_funcs,
+                app.after_request_funcs,
+                app.teardown_request_funcs,
+                app.url_value_preprocessors,
+            )
+            for funcs in registry.values()
+        )
+
+
+_metrics_failed = False
+
+
+class RequestMetrics:
+    """WSGI middleware: counts and times every request of the app it wraps.
+
+    Middleware rather than Flask's before/after-request hooks: those cost a hook dispatch, ``g``
+    and context-local lookups per request, a tenth of a mirror-backed read. The route label is
+    the URL rule Flask matched (never the raw path, so keys cannot explode the series), read
+    from the request object werkzeug puts in the environ.
+    """
+
+    def __init__(self, wsgi_app: Callable[..., Any]) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        started = time.perf_counter()
+        status, route = "500", _UNMATCHED
+
+        def capturing_start_response(status_line: str, *args: Any) -> Any:
+            nonlocal status, route
+            status = status_line
+            # Flask clears environ["werkzeug.request"] when the request ends: read it now.
+            rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+            if rule is not None:
+                route = rule.rule
+            return start_response(status_line, *args)
+
+        try:
+            return self.wsgi_app(environ, capturing_start_response)
+        finally:
+            route = environ.get(ROUTE_ENVIRON_KEY, route)  # answered by api.MirrorReads
+            _observe(environ.get("REQUEST_METHOD", ""), route, status, time.perf_counter() - started)
+
+
+def _observe(method: str, route: str, status: str, seconds: float) -> None:
+    global _metrics_failed
+    try:
+        metrics().observe_request(method, route, int(status[:3]), seconds)
+    except Exception:
+        # Metrics must never fail a request (e.g. the multiprocess directory was removed).
+        if not _metrics_failed:
+            _metrics_failed = True
+            log.exception("Cannot record request metrics; further failures are not logged")
