@@ -27,6 +27,7 @@ from typing import Any
 import click
 import yaml
 
+from rainer_server import __version__
 from rainer_server.client import RainerClient
 from rainer_server.render import colour_wanted
 from rainer_server.render import isatty
@@ -262,6 +263,7 @@ OPTIONAL_VERSION = click.argument("version", type=click.IntRange(min=1), require
 
 
 @click.group(cls=_RainerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="rainer", message="%(prog)s %(version)s")
 @click.option(
     "--url",
     envvar="RAINER_URL",
