@@ -58,6 +58,8 @@ LAYER_OF = {
     "payloads": "core",
     "headers": "core",
     "metrics": "core",
+    "access": "core",
+    "audit": "core",
     "storage": "storage",
     "transfer": "transfer",
     "zk": "zk",
