@@ -106,6 +106,9 @@ class Commit:
     author: str
     comment: str
     mtime: datetime
+    #: Who really wrote it: the authenticated caller ("" when the service runs without
+    #: authentication). Kept by the journal, not part of the wire format nor of equality.
+    identity: str = dataclasses.field(default="", compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         validate_key(self.key)
@@ -120,6 +123,8 @@ class Commit:
                 raise InvalidCommit("Payload must be bytes or None")
         if not isinstance(self.author, str) or not isinstance(self.comment, str):
             raise InvalidCommit("Author and comment must be strings")
+        if not isinstance(self.identity, str):
+            raise InvalidCommit("Identity must be a string")
         object.__setattr__(self, "mtime", _normalise_mtime(self.mtime))
 
     @classmethod

@@ -60,6 +60,7 @@ LAYER_OF = {
     "metrics": "core",
     "access": "core",
     "audit": "core",
+    "chain": "core",
     "storage": "storage",
     "transfer": "transfer",
     "zk": "zk",

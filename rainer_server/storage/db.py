@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import datetime
 from datetime import timezone
 from typing import Any
@@ -29,10 +30,13 @@ from peewee import InterfaceError
 from peewee import IntegrityError
 from peewee import Model
 from peewee import OperationalError
+from peewee import SQL
 from peewee import TextField
 from playhouse.db_url import connect
 from playhouse.db_url import parse
 
+from rainer_server.chain import GENESIS
+from rainer_server.chain import link
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
@@ -132,6 +136,11 @@ class _MtimeField(Field):
         return value.replace(tzinfo=timezone.utc)
 
 
+class _ChainField(Field):
+    # A SHA-256 in hex: fixed width, ASCII.
+    field_type = "CHAR(64)"
+
+
 def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
     class CommitRow(Model):
         key = _KeyField()
@@ -142,6 +151,10 @@ def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
         is_empty = BooleanField()
         is_head = BooleanField()
         payload = _PayloadField(null=True)
+        # Who really wrote the row (the authenticated caller; "" without authentication),
+        # and the tamper-evident hash chained over the key's history (rainer_server.chain).
+        identity = peewee.CharField(max_length=255, default="", constraints=[SQL("DEFAULT ''")])
+        chain = _ChainField(null=True)
 
         class Meta:
             # A save moves the old head's row out of the heads (a primary-key update); the
@@ -169,6 +182,7 @@ class DbCommitStorage:
             self._row.mtime,
             self._row.is_empty,
             self._row.payload,
+            self._row.identity,
         )
         self._is_sqlite = isinstance(database, peewee.SqliteDatabase)
         row = self._row
@@ -187,6 +201,7 @@ class DbCommitStorage:
             # the same key, who then matches nothing and gets a 409.
             "retire_head": _sql(row.update(is_head=False).where(
                 (row.is_head == True) & (row.key == "k") & (row.version == 1))),  # noqa: E712
+            "chain_of": _sql(row.select(row.chain).where((row.key == "k") & (row.version == 1))),
         }
         self._to_db_mtime = row.mtime.db_value
         self._from_db_mtime = row.mtime.python_value
@@ -194,8 +209,56 @@ class DbCommitStorage:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Create the journal table and its index when missing."""
+        """Create the journal table and its index when missing; bring a journal made by an
+        earlier version up to date (new columns added, every row kept)."""
         self._run(lambda: self._row.create_table(safe=True))
+        self._run(self._migrate)
+
+    def _migrate(self) -> None:
+        columns = {c.name for c in self.database.get_columns(self.table_name)}
+        row = self._row
+        for field in (row.identity, row.chain):
+            if field.column_name not in columns:
+                log.warning("Adding column %s to journal table %s", field.column_name, self.table_name)
+                ddl = f"ALTER TABLE {self._quoted_table()} ADD COLUMN {self._column_ddl(field)}"
+                self.database.execute_sql(ddl)
+        # Chains of rows written before chains existed, oldest first per key.
+        missing = (
+            row.select(row.key)
+            .where(row.chain.is_null())
+            .distinct()
+        )
+        keys = [bytes(k).decode("utf-8") if not isinstance(k, str) else k for (k,) in missing.tuples()]
+        if keys:
+            log.warning("Computing the tamper-evident chain of %d keys in %s", len(keys), self.table_name)
+        for key in keys:
+            with self.database.atomic():
+                previous = GENESIS
+                query = (
+                    row.select(*self._fields, row.chain)
+                    .where(row.key == key)
+                    .order_by(row.version)
+                )
+                for values in query.tuples():
+                    commit = self._to_commit(values[:-1])
+                    expected = link(previous, commit)
+                    if values[-1] is None:
+                        row.update(chain=expected).where(
+                            (row.key == key) & (row.version == commit.version)
+                        ).execute()
+                        previous = expected
+                    else:
+                        previous = values[-1]
+
+    def _quoted_table(self) -> str:
+        quote = self.database.quote or '""'
+        return f"{quote[0]}{self.table_name}{quote[-1]}"
+
+    def _column_ddl(self, field: Field) -> str:
+        context = self.database.get_sql_context()
+        sql, params = context.sql(field.ddl(context)).query()
+        assert not params, "column DDL takes no parameters"
+        return sql
 
     def stop(self) -> None:
         if not self.database.is_closed():
@@ -288,13 +351,18 @@ class DbCommitStorage:
         # MySQL: no SELECT ... FOR UPDATE (it deadlocks on new keys under REPEATABLE READ); the
         # retiring UPDATE is the version check, and for version 1 the unique index is.
         with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+            previous = GENESIS
             if commit.version > 1:
                 retired = execute(self._sql["retire_head"], (False, True, key, commit.version - 1))
                 if retired.rowcount != 1:
                     raise _NotNextVersion()
+                # The retiring UPDATE locked that row: its chain cannot change under us.
+                found = execute(self._sql["chain_of"], (key, commit.version - 1)).fetchone()
+                previous = (found[0] if found else None) or GENESIS
             execute(self._sql["insert"], (
                 key, commit.version, commit.author, commit.comment,
                 self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
+                commit.identity, link(previous, commit),
             ))
 
     def _ordering_error(self, commit: Commit) -> CommitOrderingError:
@@ -332,15 +400,47 @@ class DbCommitStorage:
             self.database._state.reset()
 
     def _to_commit(self, row: tuple) -> Commit:
-        key, version, author, comment, mtime, is_empty, payload = row
+        key, version, author, comment, mtime, is_empty, payload, identity = row
         return Commit(
-            bytes(key).decode("utf-8"),
+            bytes(key).decode("utf-8") if not isinstance(key, str) else key,
             version,
             None if is_empty else bytes(payload),
             author,
             comment,
             self._from_db_mtime(mtime),
+            identity=identity or "",
         )
+
+    # ------------------------------------------------------------------ tamper evidence
+
+    def verify(self) -> Iterator[tuple[str, int, str]]:
+        """Recompute every key's chain; yield ``(key, version, problem)`` for each key's first
+        row that does not match (nothing when the journal is intact). Streams the table in
+        key, version order."""
+        row = self._row
+        query = row.select(*self._fields, row.chain).order_by(row.key, row.version)
+        rows = self._run(lambda: self.database.execute_sql(*query.sql()).fetchall())
+        current_key: str | None = None
+        previous = GENESIS
+        broken = False
+        expected_version = 1
+        for values in rows:
+            commit = self._to_commit(values[:-1])
+            if commit.key != current_key:
+                current_key, previous, broken, expected_version = commit.key, GENESIS, False, 1
+            if broken:
+                continue
+            if commit.version != expected_version:
+                broken = True
+                yield commit.key, expected_version, "missing"
+                continue
+            expected = link(previous, commit)
+            if values[-1] != expected:
+                broken = True
+                yield commit.key, commit.version, "chain mismatch"
+                continue
+            previous = expected
+            expected_version += 1
 
 
 class _NotNextVersion(Exception):
@@ -350,6 +450,7 @@ class _NotNextVersion(Exception):
 # The column order of the "insert" statement and of its parameters.
 _INSERT_COLUMNS = (
     "key", "version", "author", "comment", "mtime", "is_empty", "is_head", "payload",
+    "identity", "chain",
 )
 
 
