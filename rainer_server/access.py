@@ -47,7 +47,8 @@ _TOKEN_BYTES = 32
 #: How many keys' deciding rules a policy remembers; past that it starts again (keys are
 #: unbounded, the memory is not).
 _RULE_CACHE_SIZE = 100_000
-_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}\Z")
+#: What an identity or group may be called: printable, no spaces, at most 255 characters.
+NAME_PATTERN = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}\Z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _names(source: str, where: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _invalid(source, f"{where} must be a list of names")
     for name in value:
-        if not _NAME.match(name):
+        if not NAME_PATTERN.match(name):
             raise _invalid(source, f"{where}: {name!r} is not a valid name")
     return value
 

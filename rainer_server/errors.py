@@ -94,3 +94,17 @@ class ConfigurationError(RainerError):
 
 class ExportLineInvalid(InvalidCommit):
     """A line of a JSON Lines export that is not a commit; nothing was imported."""
+
+
+class AuthenticationRequired(RainerError):
+    """No credentials where they are needed, or credentials that prove nothing (a wrong,
+    expired or revoked token)."""
+
+    def __init__(self, message: str = "Authentication required", invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+
+class AccessDenied(RainerError):
+    """An identity the policy does not allow this (read or write this key, act as another
+    author, set the time)."""

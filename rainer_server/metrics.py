@@ -62,9 +62,18 @@ class RainerMetrics:
             "schema (400 with the schema's messages).",
             ["reason"],
         )
+        self.access_denied = Counter(
+            "rainer_access_denied",
+            "Requests refused or distrusted: unauthenticated (401), denied (403), "
+            "untrusted_proxy_header (an identity header from a peer not in "
+            "RAINER_TRUSTED_PROXIES, ignored).",
+            ["reason"],
+        )
         # Label values created up front, so every series exists from the first scrape.
         for reason in ("too_large", "malformed", "schema"):
             self.payloads_rejected.labels(reason)
+        for reason in ("unauthenticated", "denied", "untrusted_proxy_header"):
+            self.access_denied.labels(reason)
         self._zookeeper: ZooKeeperMetrics | None = None
         # As bounded as the series themselves: known methods, the app's routes and statuses.
         self._request_children: dict[tuple[str, str, int], tuple] = {}

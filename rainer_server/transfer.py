@@ -29,7 +29,7 @@ from rainer_server.storage import CommitStorage
 HISTORY_PAGE = 1000
 #: Fields of an exported line: the meta, plus the payload.
 EXPORT_FIELDS = frozenset(
-    ("key", "version", "author", "comment", "mtime", "empty", "payload_base64")
+    ("key", "version", "author", "comment", "mtime", "empty", "payload_base64", "identity")
 )
 
 
@@ -62,8 +62,10 @@ def all_commits(storage: CommitStorage, heads: Mapping[str, Commit]) -> Iterator
 
 
 def export_line(commit: Commit) -> bytes:
-    """One commit as a JSON Lines record: its meta plus ``payload_base64`` (null when empty)."""
+    """One commit as a JSON Lines record: its meta, ``payload_base64`` (null when empty) and
+    ``identity``, who really wrote it (null when the service ran without authentication)."""
     record: dict[str, Any] = commit.meta
+    record["identity"] = commit.identity or None
     record["payload_base64"] = (
         None if commit.payload is None else base64.b64encode(commit.payload).decode("ascii")
     )
@@ -87,6 +89,9 @@ def parse_export_line(line: bytes, number: int) -> Commit:
     unknown = sorted(set(record) - EXPORT_FIELDS)
     if unknown:
         raise ExportLineInvalid(f"line {number}: unknown field(s) {', '.join(unknown)}")
+    identity = record.pop("identity", None)
+    if identity is not None and not isinstance(identity, str):
+        raise ExportLineInvalid(f"line {number}: identity must be a string or null")
     encoded = record.pop("payload_base64", None)
     try:
         payload = None if encoded is None else base64.b64decode(encoded, validate=True)
@@ -98,7 +103,7 @@ def parse_export_line(line: bytes, number: int) -> Commit:
     if empty is False and payload is None:
         raise ExportLineInvalid(f"line {number}: payload_base64 is missing")
     try:
-        return Commit.from_meta(record, payload)
+        return dataclasses.replace(Commit.from_meta(record, payload), identity=identity or "")
     except (InvalidCommit, TypeError) as exc:
         raise ExportLineInvalid(f"line {number}: {exc}") from None
 

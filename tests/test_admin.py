@@ -138,6 +138,7 @@ def test_export_is_json_lines_ordered_by_key_then_version(app, storage):
         "mtime": "2014-01-02T03:06:05.006Z",
         "empty": True,
         "payload_base64": None,
+        "identity": None,  # written without authentication
     }
     binary = next(r for r in records if r["key"] == "Web")
     assert base64.b64decode(binary["payload_base64"]) == bytes(range(256))

@@ -372,32 +372,7 @@ class DbCommitStorage:
     # ------------------------------------------------------------------ plumbing
 
     def _run(self, operation: Callable[[], T]) -> T:
-        """Run ``operation`` on this thread's connection, reconnecting once if it went stale."""
-        for attempt in (1, 2):
-            was_open = not self.database.is_closed()
-            try:
-                self.database.connect(reuse_if_open=True)
-                return operation()
-            except (OperationalError, InterfaceError) as exc:
-                self._discard_connection()
-                if (
-                    not self._is_sqlite
-                    and was_open
-                    and attempt == 1
-                    and _error_code(exc) in _DISCONNECT_CODES
-                ):
-                    log.info("Database connection lost (%s); reconnecting", _one_line(exc))
-                    continue
-                log.warning("Database unavailable: %s", _one_line(exc))
-                raise StorageUnavailable(f"Database unavailable: {_one_line(exc)}") from exc
-        raise AssertionError("unreachable")
-
-    def _discard_connection(self) -> None:
-        try:
-            self.database.close()
-        except Exception:  # closing a broken connection may fail too; it is gone either way
-            log.debug("Ignoring error while closing a broken connection", exc_info=True)
-            self.database._state.reset()
+        return run_on(self.database, operation)
 
     def _to_commit(self, row: tuple) -> Commit:
         key, version, author, comment, mtime, is_empty, payload, identity = row
@@ -441,6 +416,41 @@ class DbCommitStorage:
                 continue
             previous = expected
             expected_version += 1
+
+
+def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
+    """Run ``operation`` on this thread's connection to ``database``, reconnecting once if it
+    went stale.
+
+    :raises StorageUnavailable: when the database cannot be reached or fails.
+    """
+    is_sqlite = isinstance(database, peewee.SqliteDatabase)
+    for attempt in (1, 2):
+        was_open = not database.is_closed()
+        try:
+            database.connect(reuse_if_open=True)
+            return operation()
+        except (OperationalError, InterfaceError) as exc:
+            _discard_connection(database)
+            if (
+                not is_sqlite
+                and was_open
+                and attempt == 1
+                and _error_code(exc) in _DISCONNECT_CODES
+            ):
+                log.info("Database connection lost (%s); reconnecting", _one_line(exc))
+                continue
+            log.warning("Database unavailable: %s", _one_line(exc))
+            raise StorageUnavailable(f"Database unavailable: {_one_line(exc)}") from exc
+    raise AssertionError("unreachable")
+
+
+def _discard_connection(database: peewee.Database) -> None:
+    try:
+        database.close()
+    except Exception:  # closing a broken connection may fail too; it is gone either way
+        log.debug("Ignoring error while closing a broken connection", exc_info=True)
+        database._state.reset()
 
 
 class _NotNextVersion(Exception):

@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
 from collections.abc import Iterator
 from typing import IO
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import click
 from flask.cli import AppGroup
 
+from rainer_server.access import NAME_PATTERN as _NAME
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
 from rainer_server.errors import CommitNotFound
@@ -30,6 +35,7 @@ from rainer_server.render import styler
 from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import open_database
 from rainer_server.storage.db import read_legacy_table
+from rainer_server.storage.tokens import DbTokenStore
 from rainer_server.transfer import HISTORY_PAGE
 from rainer_server.transfer import all_commits
 from rainer_server.transfer import export_line
@@ -68,6 +74,8 @@ def init_db() -> None:
     """Create the journal table when missing."""
     rainer = get_rainer()
     rainer.database_storage.start()
+    if rainer.gate.tokens is not None:
+        rainer.gate.tokens.start()
     click.echo(f"Journal table {rainer.settings.table!r} is ready.")
 
 
@@ -325,3 +333,92 @@ def check() -> None:
     click.echo(f"{len(present | set(heads))} keys checked: {len(drift)} drifting.", err=True)
     if drift:
         raise SystemExit(1)
+
+
+@rainer_cli.command()
+def verify() -> None:
+    """Check every key's tamper-evident chain; exit 1 naming the first bad row of each key."""
+    storage = _storage()
+    verify_rows = getattr(storage, "verify", None)
+    if verify_rows is None:
+        raise click.ClickException("this storage keeps no chain (only the database journal does)")
+    problems = 0
+    for key, version, problem in verify_rows():
+        problems += 1
+        click.echo(f"{problem}\t{key}\tversion {version}")
+    if problems:
+        click.echo(
+            f"{problems} key(s) do not match their chain: the journal was changed outside Rainer.",
+            err=True,
+        )
+        raise SystemExit(1)
+    click.echo("Every key's chain matches.", err=True)
+
+
+# ---------------------------------------------------------------------- tokens
+
+
+@rainer_cli.group()
+def token() -> None:
+    """API tokens: create (shown once), list, revoke."""
+
+
+def _tokens() -> DbTokenStore:
+    tokens = get_rainer().gate.tokens
+    if tokens is None:
+        raise click.ClickException("tokens are off: set RAINER_AUTH=token (or token,proxy)")
+    return tokens
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])\Z")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _lifetime(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    match = _DURATION.match(value.strip())
+    if match is None:
+        raise click.BadParameter("a number and a unit: 30s, 15m, 12h or 90d")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--expires", callback=_lifetime, metavar="DURATION", help="e.g. 30s, 12h, 90d.")
+def token_create(name: str, expires: timedelta | None) -> None:
+    """Create a token for identity NAME and print it (only the token, on stdout, once)."""
+    if not _NAME.match(name):
+        raise click.BadParameter("printable, no spaces, at most 255 characters", param_hint="NAME")
+    secret = _tokens().create(name, expires)
+    click.echo(secret)
+    until = "never expires" if expires is None else f"expires in {expires}"
+    click.echo(f"Token for {name} created ({until}); it is not shown again.", err=True)
+
+
+@token.command("list")
+def token_list() -> None:
+    """NAME<TAB>CREATED<TAB>EXPIRES<TAB>LAST USED<TAB>STATE; never the tokens."""
+    now = datetime.now(timezone.utc)
+    for info in _tokens().list():
+        state = "revoked" if info.revoked else "valid" if info.valid_at(now) else "expired"
+        click.echo(
+            "\t".join(
+                (
+                    info.name,
+                    format_mtime(info.created),
+                    format_mtime(info.expires) if info.expires else "never",
+                    format_mtime(info.last_used) if info.last_used else "never",
+                    state,
+                )
+            )
+        )
+
+
+@token.command("revoke")
+@click.argument("name")
+def token_revoke(name: str) -> None:
+    """Revoke NAME's token: every worker refuses it within seconds."""
+    if not _tokens().revoke(name):
+        raise click.ClickException(f"{name!r} has no valid token")
+    click.echo(f"Token of {name} revoked.", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -10,17 +11,21 @@ from typing import Any
 
 from flask import Blueprint
 from flask import Flask
-from flask import Response
 from flask import request
+from flask import Response
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
-from rainer_server.commit import MAX_VERSION
+from rainer_server import audit
+from rainer_server.audit import escape_controls
 from rainer_server.commit import Commit
+from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import now
 from rainer_server.commit import parse_mtime
 from rainer_server.commit import parse_version
 from rainer_server.commit import validate_key
+from rainer_server.errors import AccessDenied
+from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
@@ -28,11 +33,14 @@ from rainer_server.errors import PayloadRejected
 from rainer_server.errors import PayloadTooLarge
 from rainer_server.errors import RainerError
 from rainer_server.errors import StorageUnavailable
-from rainer_server.headers import HEADER_ENCODING
 from rainer_server.headers import decode_text_header
+from rainer_server.headers import HEADER_ENCODING
 from rainer_server.headers import is_percent_encoded
 from rainer_server.metrics import metrics
+from rainer_server.web.auth import Caller
+from rainer_server.web.auth import request_id
 from rainer_server.web.context import get_rainer
+from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import CACHED
 from rainer_server.web.middleware import payload_headers
 from rainer_server.web.middleware import prepared_headers
@@ -77,6 +85,12 @@ def _boolean(value: str | None, name: str, what: str = "parameter") -> bool:
 
 def _key(key: str) -> str:
     return validate_key(key)
+
+
+def _may_read(key: str) -> str:
+    """``key``, once the caller is known to be allowed to read it."""
+    get_rainer().gate.check(request.environ, key, write=False)
+    return key
 
 
 def _version(text: str) -> int:
@@ -126,6 +140,10 @@ def list_heads() -> Response:
     utf8 = _boolean(request.args.get("payload_utf8"), "payload_utf8")
     b64 = _boolean(request.args.get("payload_base64"), "payload_base64")
     rainer = get_rainer()
+    gate = rainer.gate
+    caller = gate.check(request.environ, None, write=False)
+    if gate.enabled:
+        return _filtered_listing(rainer, caller, include_all, utf8, b64)
     view = None if include_all else rainer.cached_view()
     if view is not None:
         # The mirror swaps in a new immutable mapping on every change: identity revalidates.
@@ -150,6 +168,41 @@ def list_heads() -> Response:
     if etag in request.headers.get("If-None-Match", ""):
         return Response(status=304, headers={"ETag": etag})
     return Response(cached[1], 200, mimetype=JSON, headers={"ETag": etag})
+
+
+def _filtered_listing(
+    rainer: RainerContext, caller: Caller, include_all: bool, utf8: bool, b64: bool
+) -> Response:
+    """The listing of the keys ``caller`` may read, cached per identity (never one caller's
+    listing served to another), with an ETag of its own visible set."""
+    view = None if include_all else rainer.cached_view()
+    storage = rainer.database_storage
+    source: Any = view.current if view is not None else storage.heads_token()
+    flags = ("filtered", caller.identity, view is not None, include_all, utf8, b64)
+    cached = rainer.list_cache.get(flags)
+    # A mirror view is revalidated by identity (equality would compare every key).
+    fresh = cached is not None and (cached[0] is source if view is not None else cached[0] == source)
+    if not fresh:
+        heads = view.current if view is not None else storage.heads()
+        may_read = rainer.gate.policy.may_read
+        visible = {key: commit for key, commit in heads.items() if may_read(caller.identity, key)}
+        hidden = any(include_all or not heads[key].empty for key in heads.keys() - visible.keys())
+        body = _list_body(visible, include_all, utf8, b64)
+        etag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
+        if view is None:
+            # As in the unfiltered listing: the token of the heads just read.
+            source = sum(c.version for c in heads.values())
+        cached = (source, body, etag, hidden)
+        rainer.list_cache[flags] = cached
+    _, body, etag, hidden = cached
+    headers = {"ETag": etag, "Vary": "Authorization"}
+    if hidden:
+        headers["X-Rainer-Results-Filtered"] = "yes"
+    if view is not None:
+        headers.update(CACHED)
+    if etag in request.headers.get("If-None-Match", ""):
+        return Response(status=304, headers=headers)
+    return Response(body, 200, mimetype=JSON, headers=headers)
 
 
 def _list_body(heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool) -> bytes:
@@ -188,7 +241,7 @@ def _head(key: str) -> tuple[Commit, bool]:
 
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
-    commit, cached = _head(_key(key))
+    commit, cached = _head(_may_read(_key(key)))
     if not cached:
         return _payload_response(commit)
     # The hot path of a cluster's config reads: a mirror commit never changes, so its
@@ -212,7 +265,7 @@ class _PreparedResponse(Response):
 
 @bp.get("/<key>/meta")
 def get_head_meta(key: str) -> Response:
-    commit, cached = _head(_key(key))
+    commit, cached = _head(_may_read(_key(key)))
     response = _json(commit.meta)
     if cached:
         response.headers.update(CACHED)
@@ -239,7 +292,7 @@ def get_history(key: str) -> Response:
     ``payload_utf8``/``payload_base64`` add payloads as ``GET /`` does, so a client can show
     a page of diffs (``rainer log``) without one request per version.
     """
-    key = _key(key)
+    key = _may_read(_key(key))
     limit = _positive_int_parameter("limit", 100)
     if limit > MAX_HISTORY_LIMIT:
         raise InvalidCommit(f"Invalid 'limit' parameter (at most {MAX_HISTORY_LIMIT})")
@@ -250,17 +303,27 @@ def get_history(key: str) -> Response:
     commits = storage.history(key, limit=limit, before=before)
     if not commits and storage.get(key) is None:
         raise CommitNotFound(key)
-    return _json([_meta_with_payload(commit, utf8, b64) for commit in commits])
+    entries = []
+    for commit in commits:
+        entry = _meta_with_payload(commit, utf8, b64)
+        # Who really wrote it (the authenticated caller), beside who it says wrote it.
+        entry["identity"] = commit.identity or None
+        entries.append(entry)
+    return _json(entries)
 
 
 @bp.get("/<key>/<version>")
 def get_version(key: str, version: str) -> Response:
-    return _payload_response(_found(_key(key), _version(version)))
+    key = _key(key)
+    number = _version(version)
+    return _payload_response(_found(_may_read(key), number))
 
 
 @bp.get("/<key>/<version>/meta")
 def get_version_meta(key: str, version: str) -> Response:
-    return _json(_found(_key(key), _version(version)).meta)
+    key = _key(key)
+    number = _version(version)
+    return _json(_found(_may_read(key), number).meta)
 
 
 @bp.post("/<key>/<version>")
@@ -268,6 +331,8 @@ def post_commit(key: str, version: str) -> Response:
     rainer = get_rainer()
     key = _key(key)
     number = _version(version)
+    gate = rainer.gate
+    caller = gate.check(request.environ, key, write=True, version=number)
     header_key = _request_header("X-Rainer-Key")
     if header_key is not None and header_key != key:
         raise InvalidCommit("X-Rainer-Key must match URL key, or be omitted")
@@ -275,11 +340,22 @@ def post_commit(key: str, version: str) -> Response:
     if header_version is not None and parse_version(header_version.strip()) != number:
         raise InvalidCommit("X-Rainer-Version must match URL version, or be omitted")
     author = _request_header("X-Rainer-Author")
+    mtime_header = request.headers.get("X-Rainer-Modified-Time")
+    identity = caller.identity
+    if identity is not None and not gate.policy.may_act_as(identity):
+        # The author is a fact, not a claim: who authenticated, unless trusted to say so.
+        if author is not None and author != identity:
+            gate.refuse(request.environ, caller, key, number, "denied", "author is not the caller")
+            raise AccessDenied(f"Author must be {identity}")
+        if mtime_header is not None:
+            gate.refuse(request.environ, caller, key, number, "denied", "sets the time")
+            raise AccessDenied("Only act_as identities may set X-Rainer-Modified-Time")
     if author is None:
-        raise InvalidCommit("Missing header: X-Rainer-Author")
+        if identity is None:
+            raise InvalidCommit("Missing header: X-Rainer-Author")
+        author = identity
     comment = _request_header("X-Rainer-Comment") or ""
     empty = _boolean(request.headers.get("X-Rainer-Empty"), "X-Rainer-Empty", "header")
-    mtime_header = request.headers.get("X-Rainer-Modified-Time")
     try:
         mtime = now() if mtime_header is None else parse_mtime(mtime_header)
     except ValueError:
@@ -296,15 +372,28 @@ def post_commit(key: str, version: str) -> Response:
         raise CommitOrderingError(key, (head.version if head else 0) + 1, number)
     if not empty:
         rainer.payloads.validate(key, body)
-    commit = Commit(key, number, None if empty else body, author, comment, mtime)
+    commit = Commit(
+        key, number, None if empty else body, author, comment, mtime, identity=identity or ""
+    )
     rainer.storage.save(commit)
     metrics().commits_saved.inc()
+    audit.record(
+        decision="committed",
+        identity=identity,
+        peer=request.remote_addr,
+        method="POST",
+        key=key,
+        version=number,
+        reason=None,
+        request_id=request_id(request.environ),
+    )
     # Who changed what, never the payload itself (it may hold secrets): its size only.
+    # The author may hold anything, a line break included: escaped, it cannot forge a line.
     log.info(
         "Saved commit %s version %s by %s (%s)",
         key,
         number,
-        author,
+        escape_controls(author),
         "empty" if empty else f"{len(body)} bytes",
     )
     return _json(commit.meta)
@@ -346,6 +435,21 @@ def _payload_rejected(exc: PayloadRejected) -> Response:
         return _error(400, str(exc))
     metrics().payloads_rejected.labels("schema").inc()
     return _error(400, str(exc), messages=exc.messages)
+
+
+@bp.errorhandler(AuthenticationRequired)
+def _unauthenticated(exc: AuthenticationRequired) -> Response:
+    response = _error(401, str(exc))
+    challenge = 'Bearer realm="rainer"'
+    if exc.invalid_token:
+        challenge += ', error="invalid_token"'
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+@bp.errorhandler(AccessDenied)
+def _denied(exc: AccessDenied) -> Response:
+    return _error(403, str(exc))
 
 
 @bp.errorhandler(InvalidCommit)

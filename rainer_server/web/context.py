@@ -19,6 +19,7 @@ from rainer_server.settings import Settings
 from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import DbCommitStorage
 from rainer_server.storage.db import open_database
+from rainer_server.web.auth import Gate
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.keeper import make_kazoo_client
 from rainer_server.zk.mirror import CommitMirror
@@ -42,6 +43,8 @@ class RainerContext:
         self._lock = threading.RLock()
         self.settings: Settings = Settings()
         self.payloads = PayloadValidator()
+        # Anyone may do anything until init_app reads the settings.
+        self.gate = Gate(self.settings, None)
         # Serialised lists by query flags: (heads token or mirror view, body).
         self.list_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
         # Mirror-backed payload GETs: key -> (commit, its response headers).

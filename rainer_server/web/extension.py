@@ -13,14 +13,17 @@ from typing import Any
 
 from flask import Flask
 
+from rainer_server import audit
 from rainer_server.payloads import PayloadValidator
 from rainer_server.settings import DEFAULTS
 from rainer_server.settings import load_settings
 from rainer_server.settings import settings_from_environ
 from rainer_server.storage import CommitStorage
+from rainer_server.storage.db import open_database
 from rainer_server.web import admin
 from rainer_server.web import api
 from rainer_server.web import health
+from rainer_server.web.auth import open_gate
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import MirrorReads
 from rainer_server.web.middleware import RequestMetrics
@@ -43,6 +46,8 @@ class Rainer(RainerContext):
             {key.lower(): value for key, value in app.config.get_namespace("RAINER_").items()}
         )
         self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
+        self.gate = open_gate(self.settings, open_database(self.settings.database_url))
+        audit.configure(self.settings.audit_log)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)
         # /healthz, /readyz, /metrics: on the app, outside the API prefix.

@@ -85,7 +85,12 @@ class MirrorReads:
                 # As werkzeug decodes a WSGI path; a key in the mirror is a valid key.
                 key = path[len(self.prefix) :].encode("latin-1").decode("utf-8", "replace")
                 commit = view.current.get(key)
-                if commit is not None:
+                gate = self.rainer.gate
+                if commit is not None and (
+                    not gate.enabled or gate.may_read(gate.caller(environ), key)
+                ):
+                    # A caller who may not read it gets Flask's view, which refuses (401/403)
+                    # and audits the refusal.
                     environ[ROUTE_ENVIRON_KEY] = self.route
                     start_response("200 OK", list(prepared_headers(self.rainer, commit)))
                     return [commit.payload or b""]
