@@ -37,6 +37,8 @@ from rainer_server.render import styler
 from rainer_server.render import unified_diff
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
+from rainer_server.errors import AccessDenied
+from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import RainerError
@@ -160,9 +162,10 @@ def ask_yes_no(question: str) -> bool:
 class Session:
     """What every command needs: the client, who is committing, how to print."""
 
-    def __init__(self, url: str | None, timeout: float) -> None:
+    def __init__(self, url: str | None, timeout: float, token: str | None = None) -> None:
         self.url = url
         self.timeout = timeout
+        self.token = token
         self._client: RainerClient | None = None
         self.style = styler(colour_wanted(sys.stdout))
 
@@ -172,17 +175,21 @@ class Session:
             if not self.url:
                 raise click.UsageError("no server URL: pass --url or set RAINER_URL")
             try:
-                self._client = RainerClient(self.url, timeout=self.timeout)
+                self._client = RainerClient(self.url, timeout=self.timeout, token=self.token)
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from None
         return self._client
 
-    @staticmethod
-    def author() -> str:
-        """``RAINER_AUTHOR``, else the login name; works without a terminal (cron, CI)."""
+    def author(self) -> str:
+        """``RAINER_AUTHOR``; else, with a token, the identity the server sees (which is what
+        it will record); else the login name. Works without a terminal (cron, CI)."""
         author = os.environ.get("RAINER_AUTHOR")
         if author:
             return author
+        if self.token:
+            identity = self.client.whoami().get("identity")
+            if identity:
+                return str(identity)
         try:
             return getpass.getuser()
         except Exception:  # no LOGNAME/USER and no passwd entry (containers); KeyError/OSError
@@ -253,6 +260,13 @@ class _RainerGroup(click.Group):
             return super().invoke(ctx)
         except CommitOrderingError as exc:
             raise click.ClickException(describe_conflict(exc)) from None
+        except AuthenticationRequired as exc:
+            raise click.ClickException(
+                f"not authenticated: {getattr(exc, 'message', exc)} "
+                "(give a token with --token-file or RAINER_TOKEN)"
+            ) from None
+        except AccessDenied as exc:
+            raise click.ClickException(f"forbidden: {getattr(exc, 'message', exc)}") from None
         except RainerError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -278,13 +292,24 @@ OPTIONAL_VERSION = click.argument("version", type=click.IntRange(min=1), require
     show_default=True,
     help="Seconds to wait for the server.",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="PATH",
+    help="A file holding your API token (else RAINER_TOKEN).",
+)
 @click.pass_context
-def rainer(ctx: click.Context, url: str | None, timeout: float) -> None:
+def rainer(ctx: click.Context, url: str | None, timeout: float, token_file: str | None) -> None:
     """Read and change configuration kept in a Rainer server.
 
-    The author of commits is RAINER_AUTHOR, else your login name.
+    The author of commits is RAINER_AUTHOR, else (with a token) the identity the server sees,
+    else your login name.
     """
-    ctx.obj = Session(url, timeout)
+    token = os.environ.get("RAINER_TOKEN") or None
+    if token_file is not None:
+        with open(token_file, encoding="utf-8") as file:
+            token = file.read().strip() or None
+    ctx.obj = Session(url, timeout, token)
 
 
 @rainer.command("list")
@@ -522,6 +547,23 @@ def _explain_conflict(
         f"To commit your version anyway, set 'version: {theirs.version + 1}' in the file and run: "
         f"rainer commit {shlex.quote(key)} < {shlex.quote(path)}"
     )
+
+
+@rainer.command()
+@click.argument("key", required=False)
+@pass_session
+def whoami(session: Session, key: str | None) -> None:
+    """Print the identity the server sees for your credentials, and what it may do on KEY."""
+    answer = session.client.whoami(key)
+    identity = answer.get("identity")
+    via = answer.get("via")
+    line = f"{identity} (via {via})" if identity else "anonymous"
+    if answer.get("act_as"):
+        line += ", may act as other authors"
+    click.echo(line)
+    if key is not None:
+        rights = [r for r in ("read", "write") if answer.get(r)]
+        click.echo(f"{key}: {' and '.join(rights) if rights else 'no access'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,8 @@ from typing import Any
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
 from rainer_server.commit import parse_version
+from rainer_server.errors import AccessDenied
+from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
@@ -44,7 +46,9 @@ __all__ = [
     "RainerBadRequest",
     "RainerClient",
     "RainerConnectionError",
+    "RainerForbidden",
     "RainerHTTPError",
+    "RainerUnauthorized",
     "RainerUnavailable",
     "RemoteCommit",
 ]
@@ -83,6 +87,14 @@ class RainerBadRequest(RainerHTTPError, InvalidCommit):
 
 class RainerUnavailable(RainerHTTPError, StorageUnavailable):
     """503: the server's storage is unreachable right now; retrying later may work."""
+
+
+class RainerUnauthorized(RainerHTTPError, AuthenticationRequired):
+    """401: no credentials where they are needed, or a wrong, expired or revoked token."""
+
+
+class RainerForbidden(RainerHTTPError, AccessDenied):
+    """403: the identity may not do this (read or write this key, set this author or time)."""
 
 
 class RainerConnectionError(RainerError, ConnectionError):
@@ -162,6 +174,8 @@ class RainerClient:
 
     :param base_url: the API root, including its prefix (``/diary`` by default).
     :param timeout: seconds to wait for the connection and for each read.
+    :param token: an API token (``flask rainer token create``), sent as ``Authorization:
+        Bearer``; ``None`` reads and writes anonymously.
     :raises CommitNotFound: (from any read) the key, or that version of it, does not exist.
     :raises CommitOrderingError: (from ``post_commit``) the version is not the next one.
     :raises RainerHTTPError: any other error status; ``RainerBadRequest`` for 400/413 and
@@ -169,7 +183,7 @@ class RainerClient:
     :raises RainerConnectionError: the server cannot be reached; the message names the URL.
     """
 
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
         if not base_url:
             raise ValueError("base_url is required")
         parsed = urllib.parse.urlsplit(base_url)
@@ -177,9 +191,18 @@ class RainerClient:
             raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # never the token
         return f"RainerClient({self.base_url!r})"
+
+    def whoami(self, key: str | None = None) -> dict[str, Any]:
+        """The identity the server sees for this client's credentials (``None``: anonymous),
+        and with ``key``, whether it may ``read`` and ``write`` that key."""
+        url = f"{self.base_url}/-/whoami"
+        if key is not None:
+            url += "?" + urllib.parse.urlencode({"key": key})
+        return self._json("GET", url)
 
     # ------------------------------------------------------------------ pyrainer's API
 
@@ -370,7 +393,9 @@ class RainerClient:
         key: str | None = None,
         version: int | None = None,
     ) -> tuple[int, Message, bytes]:
-        request = urllib.request.Request(url, data=data, headers=dict(headers or {}), method=method)
+        request = urllib.request.Request(
+            url, data=data, headers={**self._auth, **(headers or {})}, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.status, response.headers, response.read()
@@ -419,6 +444,10 @@ class RainerClient:
             message += " (is the base URL the API root, e.g. http://host:8080/diary?)"
         if status in (400, 413):
             return RainerBadRequest(status, message, url)
+        if status == 401:
+            return RainerUnauthorized(status, message, url)
+        if status == 403:
+            return RainerForbidden(status, message, url)
         if status == 503:
             return RainerUnavailable(status, message, url)
         return RainerHTTPError(status, message, url)
@@ -440,10 +469,12 @@ class HttpCommitStorage:
 
     :param base_url: the API root, e.g. ``http://config:8080/diary``.
     :param timeout: seconds per request.
+    :param token: an API token. ``save`` keeps each commit's author and mtime, which under a
+        policy only an ``act_as`` identity may set (an import over HTTP, a replica).
     """
 
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        self.client = RainerClient(base_url, timeout=timeout)
+    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
+        self.client = RainerClient(base_url, timeout=timeout, token=token)
 
     def __repr__(self) -> str:
         return f"HttpCommitStorage({self.client.base_url!r})"

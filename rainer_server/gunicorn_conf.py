@@ -38,6 +38,14 @@ access_log_format = (
 )
 
 
+def on_starting(server):
+    gunicorn_hooks.on_starting(server)
+
+
+def on_reload(server):
+    gunicorn_hooks.on_reload(server)
+
+
 def when_ready(server):
     gunicorn_hooks.when_ready(server)
 

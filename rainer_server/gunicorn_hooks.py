@@ -11,9 +11,11 @@ log, so the service writes one log in one format.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import logging
 import os
 import shutil
+import sys
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -26,8 +28,9 @@ _METRICS_MARK = "RAINER_PROMETHEUS_MASTER"
 ROUTED_LOGGERS = {"rainer_server": logging.DEBUG, "kazoo": logging.WARNING}
 
 
-def _rainer(worker: Any) -> RainerContext | None:
-    app = worker.app.wsgi()  # cached by gunicorn: the preloaded app, not a second copy
+def _rainer(process: Any) -> RainerContext | None:
+    """The preloaded app's Rainer, from the arbiter or a worker."""
+    app = process.app.wsgi()  # cached by gunicorn: the preloaded app, not a second copy
     extensions = getattr(app, "extensions", {})
     return extensions.get("rainer")
 
@@ -101,6 +104,46 @@ def route_logging(server: Any) -> None:
 
 
 # ---------------------------------------------------------------------- hooks
+
+
+def on_starting(server: Any) -> None:
+    """In the master, before it binds: refuse to serve anonymous writes to the network unless
+    the operator said so (``RAINER_AUTH=none``)."""
+    rainer = _rainer(server)
+    if rainer is None or rainer.settings.auth is not None:
+        return
+    exposed = [address for address in server.cfg.address if not _loopback(address)]
+    if exposed:
+        where = ", ".join(_describe(address) for address in exposed)
+        sys.exit(
+            f"rainer: listening on {where} needs RAINER_AUTH: choose token, proxy or "
+            "token,proxy (with RAINER_POLICY), or RAINER_AUTH=none to keep anonymous writes"
+        )
+
+
+def _loopback(address: Any) -> bool:
+    if not isinstance(address, tuple):
+        return True  # a unix socket: only this host reaches it
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name that may resolve anywhere
+
+
+def _describe(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def on_reload(server: Any) -> None:
+    """In the master, on SIGHUP: read the access policy again before the new workers fork
+    (they inherit it); a bad file keeps the old policy and says why in the log."""
+    rainer = _rainer(server)
+    if rainer is not None:
+        rainer.gate.reload_policy()
 
 
 def when_ready(server: Any) -> None:

@@ -72,6 +72,19 @@ _LOST_RACE_CODES = {1205, _DEADLOCK}
 _DEADLOCK_RETRIES = 3
 
 
+class _WithoutParameters(logging.Filter):
+    """peewee logs each statement with its parameters at DEBUG: payloads, which may hold
+    secrets, and token digests. Keep the statement, drop the values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, tuple) and len(record.msg) == 2:
+            record.msg = (record.msg[0], "[parameters not logged]")
+        return True
+
+
+logging.getLogger("peewee").addFilter(_WithoutParameters())
+
+
 def open_database(url: str) -> peewee.Database:
     """Make a peewee database for ``url`` (``sqlite:///path`` or ``mysql://user:pw@host/db``).
 

@@ -239,6 +239,34 @@ def _head(key: str) -> tuple[Commit, bool]:
     return _found(key), False
 
 
+# "/-/" (GitLab's convention) cannot be a key's route: a version is digits, so without this
+# rule "/-/whoami" would be a 400; as a static rule it wins over "/<key>/<version>".
+@bp.get("/-/whoami")
+def whoami() -> Response:
+    """The identity the server sees for these credentials, and what it may do on ``?key=K``.
+
+    401 for a wrong, expired or revoked token, as on every route; the anonymous caller gets
+    ``"identity": null``.
+    """
+    gate = get_rainer().gate
+    caller = gate.check(request.environ, None, write=False)
+    answer: dict[str, Any] = {
+        "identity": caller.identity,
+        "via": caller.via,
+        "auth": sorted(gate.modes) or ["none"],
+        "act_as": gate.policy.may_act_as(caller.identity),
+    }
+    key = request.args.get("key")
+    if key is not None:
+        key = _key(key)
+        answer.update(
+            key=key,
+            read=gate.policy.may_read(caller.identity, key),
+            write=gate.policy.may_write(caller.identity, key),
+        )
+    return _json(answer)
+
+
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
     commit, cached = _head(_may_read(_key(key)))
