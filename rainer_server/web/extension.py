@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Flask
 
-from rainer_server.payloads import PayloadValidator
+from rainer_server.payloads import make_payloads
 from rainer_server.settings import DEFAULTS
 from rainer_server.settings import load_settings
 from rainer_server.settings import settings_from_environ
@@ -42,7 +42,7 @@ class Rainer(RainerContext):
         self.settings = load_settings(
             {key.lower(): value for key, value in app.config.get_namespace("RAINER_").items()}
         )
-        self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
+        self.payloads = make_payloads(self.settings.payload_format, self.settings.payload_schemas)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)
         # /healthz, /readyz, /metrics: on the app, outside the API prefix.
