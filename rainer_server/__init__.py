@@ -25,10 +25,20 @@ if TYPE_CHECKING:
     from rainer_server.errors import ExportLineInvalid
     from rainer_server.errors import InvalidCommit
     from rainer_server.errors import KeeperError
+    from rainer_server.errors import PayloadDeserializationError
     from rainer_server.errors import PayloadRejected
     from rainer_server.errors import PayloadTooLarge
     from rainer_server.errors import RainerError
     from rainer_server.errors import StorageUnavailable
+    from rainer_server.payloads import BytesPayloads
+    from rainer_server.payloads import JsonPayloads
+    from rainer_server.payloads import KeyValueDeserialization
+    from rainer_server.payloads import KeyValueSerialization
+    from rainer_server.payloads import Payloads
+    from rainer_server.payloads import SchemaPayloads
+    from rainer_server.payloads import TextPayloads
+    from rainer_server.payloads import YamlPayloads
+    from rainer_server.payloads import make_payloads
     from rainer_server.storage import CommitStorage
     from rainer_server.storage import with_post_save_hook
     from rainer_server.storage import with_pre_save_hook
@@ -57,12 +67,27 @@ _EXPORTS = {
             "ExportLineInvalid",
             "InvalidCommit",
             "KeeperError",
+            "PayloadDeserializationError",
             "PayloadRejected",
             "PayloadTooLarge",
             "RainerError",
             "StorageUnavailable",
         ),
         "rainer_server.errors",
+    ),
+    **dict.fromkeys(
+        (
+            "BytesPayloads",
+            "JsonPayloads",
+            "KeyValueDeserialization",
+            "KeyValueSerialization",
+            "Payloads",
+            "SchemaPayloads",
+            "TextPayloads",
+            "YamlPayloads",
+            "make_payloads",
+        ),
+        "rainer_server.payloads",
     ),
     "CommitStorage": "rainer_server.storage",
     "with_post_save_hook": "rainer_server.storage",

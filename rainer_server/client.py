@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from datetime import datetime
 from email.message import Message
+from typing import TYPE_CHECKING
 from typing import Any
 
 from rainer_server.commit import Commit
@@ -40,6 +41,10 @@ from rainer_server.headers import TEXT_HEADERS
 from rainer_server.headers import decode_text_header
 from rainer_server.headers import encode_text_headers
 from rainer_server.headers import is_percent_encoded
+
+if TYPE_CHECKING:
+    # Types only: payloads.py imports marshmallow and PyYAML, which a client must not need.
+    from rainer_server.payloads import KeyValueDeserialization
 
 __all__ = [
     "HttpCommitStorage",
@@ -110,15 +115,12 @@ class RainerConnectionError(RainerError, ConnectionError):
 
 
 class RemoteCommit(Commit):
-    """A ``Commit`` read over HTTP, with pyrainer's ``value`` name for the payload.
+    """A ``Commit`` read over HTTP. It compares equal to a plain ``Commit`` with the same fields.
 
-    It compares equal to a plain ``Commit`` with the same fields.
+    Its ``value`` is ``Commit.value``: from a client without a deserialization, the payload
+    bytes (``None`` for a tombstone), exactly pyrainer's ``RainerCommit.value``; from a client
+    built with one, the deserialized value.
     """
-
-    @property
-    def value(self) -> bytes | None:
-        """The payload (``None`` for a tombstone), as pyrainer's ``RainerCommit.value``."""
-        return self.payload
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Commit):
@@ -128,22 +130,25 @@ class RemoteCommit(Commit):
     __hash__ = Commit.__hash__
 
     def to_commit(self) -> Commit:
-        """The plain ``Commit`` (what storages return)."""
-        return Commit(*_fields(self))
+        """The plain ``Commit`` (what storages return), with the same deserialization."""
+        return Commit(*_fields(self), deserialization=self.deserialization)
 
 
 def _fields(commit: Commit) -> tuple[Any, ...]:
     return (commit.key, commit.version, commit.payload, commit.author, commit.comment, commit.mtime)
 
 
-def _remote(meta: Mapping[str, Any], payload: bytes | None) -> RemoteCommit:
+def _remote(
+    meta: Mapping[str, Any],
+    payload: bytes | None,
+    deserialization: KeyValueDeserialization | None,
+) -> RemoteCommit:
     try:
-        commit = Commit.from_meta(meta, payload)
+        return RemoteCommit.from_meta(meta, payload, deserialization)
     except (InvalidCommit, TypeError, AttributeError) as exc:
         raise RainerHTTPError(
             200, f"unexpected commit metadata {dict(meta)!r}: {exc}", ""
         ) from None
-    return RemoteCommit(*_fields(commit))
 
 
 def _payload_bytes(value: bytes | bytearray | memoryview | str | None) -> bytes | None:
@@ -176,6 +181,9 @@ class RainerClient:
     :param timeout: seconds to wait for the connection and for each read.
     :param token: an API token (``flask rainer token create``), sent as ``Authorization:
         Bearer``; ``None`` reads and writes anonymously.
+    :param deserialization: makes the ``value`` of the commits it reads (``get_commit``,
+        ``list_full``, ``history_full``...) typed, deserialized at first use; without one a
+        ``value`` is the payload bytes, as pyrainer's. ``get_value`` is always the bytes.
     :raises CommitNotFound: (from any read) the key, or that version of it, does not exist.
     :raises CommitOrderingError: (from ``post_commit``) the version is not the next one.
     :raises RainerHTTPError: any other error status; ``RainerBadRequest`` for 400/413 and
@@ -183,7 +191,14 @@ class RainerClient:
     :raises RainerConnectionError: the server cannot be reached; the message names the URL.
     """
 
-    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        token: str | None = None,
+        *,
+        deserialization: KeyValueDeserialization | None = None,
+    ) -> None:
         if not base_url:
             raise ValueError("base_url is required")
         parsed = urllib.parse.urlsplit(base_url)
@@ -192,6 +207,7 @@ class RainerClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.deserialization = deserialization
 
     def __repr__(self) -> str:  # never the token
         return f"RainerClient({self.base_url!r})"
@@ -251,7 +267,7 @@ class RainerClient:
                 "mtime": headers["X-Rainer-Modified-Time"],
                 "empty": _truthy(headers.get("X-Rainer-Empty", "no")),
             }
-        return _remote(meta, None if meta.get("empty") else body)
+        return _remote(meta, None if meta.get("empty") else body, self.deserialization)
 
     def get_value(self, key: str, version: int | None = None) -> bytes:
         """The payload of ``key`` (at ``version``); ``b""`` for a tombstone, as pyrainer."""
@@ -370,7 +386,11 @@ class RainerClient:
             raise RainerHTTPError(
                 200, f"bad payload_base64 for {meta.get('key')!r}: {exc}", self.base_url
             ) from None
-        return _remote({k: v for k, v in meta.items() if not k.startswith("payload_")}, payload)
+        return _remote(
+            {k: v for k, v in meta.items() if not k.startswith("payload_")},
+            payload,
+            self.deserialization,
+        )
 
     def _json(self, method: str, url: str, **kwargs: Any) -> Any:
         _, headers, body = self._request(method, url, **kwargs)
@@ -471,10 +491,24 @@ class HttpCommitStorage:
     :param timeout: seconds per request.
     :param token: an API token. ``save`` keeps each commit's author and mtime, which under a
         policy only an ``act_as`` identity may set (an import over HTTP, a replica).
+    :param deserialization: how the commits read from it make their ``value``.
     """
 
-    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
-        self.client = RainerClient(base_url, timeout=timeout, token=token)
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        token: str | None = None,
+        *,
+        deserialization: KeyValueDeserialization | None = None,
+    ) -> None:
+        self.client = RainerClient(
+            base_url, timeout=timeout, token=token, deserialization=deserialization
+        )
+
+    @property
+    def deserialization(self) -> KeyValueDeserialization | None:
+        return self.client.deserialization
 
     def __repr__(self) -> str:
         return f"HttpCommitStorage({self.client.base_url!r})"

@@ -4,6 +4,9 @@ Pure code, no I/O. The wire format (spec §2) is byte-compatible with the origin
 Rainer, so znodes and DB blobs written by a JVM Rainer parse here and ours parse there::
 
     <length of header in bytes>\\n<header JSON>\\n<payload bytes>\\n
+
+A commit read through a storage, keeper, mirror or client built with a deserialization (see
+``rainer_server.payloads``) also has a typed ``value``, deserialized on first use.
 """
 
 from __future__ import annotations
@@ -11,12 +14,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import Mapping
 from datetime import datetime
 from datetime import timezone
+from typing import TYPE_CHECKING
 from typing import Any
+from typing import Self
+from typing import cast
 
 from rainer_server.errors import InvalidCommit
+from rainer_server.errors import PayloadDeserializationError
+from rainer_server.errors import PayloadRejected
+
+if TYPE_CHECKING:
+    # Types only: payloads.py imports marshmallow and PyYAML, which the client and the
+    # ``rainer`` command (importing this module) must not pay for.
+    from rainer_server.payloads import KeyValueDeserialization
+    from rainer_server.payloads import KeyValueSerialization
 
 MAX_KEY_BYTES = 255
 # C0 controls, DEL and C1 controls: they break headers, terminals and log lines.
@@ -96,9 +111,22 @@ def now() -> datetime:
     return _normalise_mtime(datetime.now(timezone.utc))
 
 
+# Where a commit keeps its deserialized value (or the deserialization's error), in its
+# instance dict: not a dataclass field, so equality, hashing, repr and replace() ignore it.
+_VALUE = "_value"
+# One lock for every commit's first deserialization, so that readers racing on a new commit
+# (request threads on a mirror) deserialize it once; a lock per commit would cost memory on
+# every commit of a 100k-key mirror. Reentrant: a deserialization may read another value.
+_VALUE_LOCK = threading.RLock()
+
+
 @dataclasses.dataclass(frozen=True)
 class Commit:
-    """One version of one key. ``payload is None`` marks a tombstone (an *empty* commit)."""
+    """One version of one key. ``payload is None`` marks a tombstone (an *empty* commit).
+
+    ``deserialization`` is how ``value`` reads the payload; it is not part of the commit
+    (equality, hashing and repr ignore it), only of how this reader sees it.
+    """
 
     key: str
     version: int
@@ -109,6 +137,9 @@ class Commit:
     #: Who really wrote it: the authenticated caller ("" when the service runs without
     #: authentication). Kept by the journal, not part of the wire format nor of equality.
     identity: str = dataclasses.field(default="", compare=False, kw_only=True)
+    deserialization: KeyValueDeserialization | None = dataclasses.field(
+        default=None, compare=False, repr=False, kw_only=True
+    )
 
     def __post_init__(self) -> None:
         validate_key(self.key)
@@ -136,13 +167,92 @@ class Commit:
         author: str,
         comment: str,
         mtime: datetime | None = None,
-    ) -> Commit:
+    ) -> Self:
         """Make a commit; ``mtime`` defaults to now."""
         return cls(key, version, payload, author, comment, now() if mtime is None else mtime)
+
+    @classmethod
+    def from_value(
+        cls,
+        key: str,
+        version: int,
+        value: Any,
+        author: str,
+        comment: str,
+        mtime: datetime | None = None,
+        *,
+        serialization: KeyValueSerialization,
+    ) -> Self:
+        """Make a commit whose payload is ``serialization.serialize(key, value)``.
+
+        ``value=None`` makes a tombstone. When ``serialization`` is also a deserialization (as
+        every format of ``rainer_server.payloads`` is), the commit reads its ``value`` back
+        with it, from the bytes, as any reader of the saved commit will.
+
+        :raises PayloadRejected: (from our formats) when ``value`` cannot be written.
+        """
+        validate_key(key)
+        payload = None if value is None else serialization.serialize(key, value)
+        # Duck-typed: the Protocol lives in payloads.py, which is not imported at run time.
+        reader: KeyValueDeserialization | None = None
+        if callable(getattr(serialization, "deserialize", None)):
+            reader = cast("KeyValueDeserialization", serialization)
+        return cls(
+            key,
+            version,
+            payload,
+            author,
+            comment,
+            now() if mtime is None else mtime,
+            deserialization=reader,
+        )
+
+    def with_deserialization(self, deserialization: KeyValueDeserialization | None) -> Self:
+        """This commit, read with ``deserialization`` (the commit itself when it already is)."""
+        if deserialization is self.deserialization:
+            return self
+        return dataclasses.replace(self, deserialization=deserialization)
 
     @property
     def empty(self) -> bool:
         return self.payload is None
+
+    @property
+    def value(self) -> Any:
+        """The payload as a value: ``None`` for a tombstone, else ``deserialization``'s value of
+        it (the payload bytes themselves when the commit has no deserialization).
+
+        Deserialized at the first read, then cached for the life of this commit object, so
+        every reader of one commit shares one value: treat it as read-only.
+
+        :raises PayloadDeserializationError: when the deserialization refuses the payload (at
+            every read; it is tried once).
+        """
+        payload = self.payload
+        deserialization = self.deserialization
+        if payload is None or deserialization is None:
+            return payload
+        cached = self.__dict__.get(_VALUE)
+        if cached is None:
+            with _VALUE_LOCK:
+                cached = self.__dict__.get(_VALUE)
+                if cached is None:
+                    try:
+                        cached = (deserialization.deserialize(self.key, payload), None)
+                    except Exception as exc:
+                        # Any exception: a user's deserialization may raise whatever its
+                        # parser does, and readers should catch one type (the cause says what).
+                        cached = (None, exc)
+                    object.__setattr__(self, _VALUE, cached)
+        value, error = cached
+        if error is None:
+            return value
+        if isinstance(error, PayloadRejected):
+            raise PayloadDeserializationError(
+                self.key, self.version, error.reason, error.messages
+            ) from error
+        reason = str(error) or type(error).__name__
+        raise PayloadDeserializationError(self.key, self.version, reason) from error
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -157,7 +267,12 @@ class Commit:
         }
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any], payload: bytes | None) -> Commit:
+    def from_meta(
+        cls,
+        meta: Mapping[str, Any],
+        payload: bytes | None,
+        deserialization: KeyValueDeserialization | None = None,
+    ) -> Self:
         """Build a commit from a meta mapping (a missing ``empty`` means false).
 
         :raises InvalidCommit: when a field is missing or of the wrong type.
@@ -176,6 +291,7 @@ class Commit:
                 author=meta["author"],
                 comment=meta["comment"],
                 mtime=parse_mtime(mtime),
+                deserialization=deserialization,
             )
         except KeyError as exc:
             raise InvalidCommit(f"Missing field: {exc.args[0]}") from None
@@ -190,8 +306,10 @@ class Commit:
         return b"%d\n%s\n%s\n" % (len(header), header, self.payload or b"")
 
     @classmethod
-    def deserialize(cls, data: bytes) -> Commit:
-        """Decode the wire format.
+    def deserialize(
+        cls, data: bytes, deserialization: KeyValueDeserialization | None = None
+    ) -> Self:
+        """Decode the wire format (the commit's ``value`` then reads with ``deserialization``).
 
         :raises InvalidCommit: when ``data`` is not a commit in the wire format.
         """
@@ -210,7 +328,7 @@ class Commit:
             raise InvalidCommit(f"Malformed commit header: {exc}") from exc
         if not isinstance(header, dict):
             raise InvalidCommit("Malformed commit header: not an object")
-        return cls.from_meta(header, data[end + 1 : -1])
+        return cls.from_meta(header, data[end + 1 : -1], deserialization)
 
     def __repr__(self) -> str:
         size = "empty" if self.payload is None else f"{len(self.payload)} bytes"

@@ -31,7 +31,27 @@ class PayloadRejected(InvalidCommit):
 
     def __init__(self, reason: str, messages: Any = None) -> None:
         super().__init__(f"Malformed input: {reason}")
+        self.reason = reason
         self.messages = messages
+
+
+class PayloadDeserializationError(RainerError, ValueError):
+    """A commit's payload that the reader's deserialization refuses, raised by ``commit.value``.
+
+    Not an ``InvalidCommit``: the commit is stored and listed as usual; only this reader cannot
+    make a value of it. The deserialization's own error is the ``__cause__``.
+    """
+
+    def __init__(self, key: str, version: int, reason: str, messages: Any = None) -> None:
+        super().__init__(f"Cannot deserialize the payload of {key} version {version}: {reason}")
+        self.key = key
+        self.version = version
+        self.reason = reason
+        #: A schema's field errors, as ``PayloadRejected.messages``.
+        self.messages = messages
+
+    def __reduce__(self):  # pickling needs our signature, as CommitOrderingError's
+        return type(self), (self.key, self.version, self.reason, self.messages)
 
 
 class CommitNotFound(RainerError, LookupError):

@@ -222,7 +222,16 @@ def exposition(accept: str | None = None) -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
+    for attempt in (1, 2, 3):
+        try:
+            return encoder(registry), content_type
+        except FileNotFoundError:
+            # The master removes an ended worker's live-gauge files (mark_process_dead); one
+            # removed between the collector's listing of the directory and its reading of the
+            # file is gone for good, so listing again answers correctly.
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
 
 
 def prepare_multiprocess_dir(path: str | None) -> str:

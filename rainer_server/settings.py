@@ -19,8 +19,9 @@ from marshmallow import post_load
 from marshmallow import validate
 
 from rainer_server.errors import ConfigurationError
+from rainer_server.payloads import FORMATS
 
-PAYLOAD_FORMATS = ("json", "yaml", "text", "bytes")
+PAYLOAD_FORMATS = tuple(FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)

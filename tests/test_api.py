@@ -10,7 +10,7 @@ import pytest
 
 from rainer_server import MemoryCommitStorage
 from rainer_server import create_app
-from rainer_server.payloads import PayloadValidator
+from rainer_server.payloads import BytesPayloads
 
 AUTHOR = {"X-Rainer-Author": "alice"}
 
@@ -248,7 +248,7 @@ def test_get_payload_and_headers(client):
 
 
 def test_binary_payload_is_octet_stream(app):
-    app.extensions["rainer"].payloads = PayloadValidator("bytes")
+    app.extensions["rainer"].payloads = BytesPayloads()
     client = app.test_client()
     assert post(client, "bin", 1, b"\xff\x00\x01").status_code == 200
     r = client.get("/diary/bin")

@@ -42,6 +42,7 @@ from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import StorageUnavailable
+from rainer_server.payloads import KeyValueDeserialization
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,22 @@ def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
 
 
 class DbCommitStorage:
-    """Commits in a relational table (spec §3), safe for many processes writing at once."""
+    """Commits in a relational table (spec §3), safe for many processes writing at once.
 
-    def __init__(self, database: peewee.Database, table_name: str = "rainer") -> None:
+    :param database: from ``open_database(url)``.
+    :param table_name: the journal table.
+    :param deserialization: how the commits read from it make their ``value``.
+    """
+
+    def __init__(
+        self,
+        database: peewee.Database,
+        table_name: str = "rainer",
+        *,
+        deserialization: KeyValueDeserialization | None = None,
+    ) -> None:
         self.database = database
+        self.deserialization = deserialization
         self.table_name = table_name
         self._row = _make_row_model(database, table_name)
         self._fields = (
@@ -397,6 +410,7 @@ class DbCommitStorage:
             comment,
             self._from_db_mtime(mtime),
             identity=identity or "",
+            deserialization=self.deserialization,
         )
 
     # ------------------------------------------------------------------ tamper evidence

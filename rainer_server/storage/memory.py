@@ -5,13 +5,19 @@ from __future__ import annotations
 import threading
 
 from rainer_server.commit import Commit
+from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.storage import check_next_version
 
 
 class MemoryCommitStorage:
-    """Every commit of every key in a dict, behind one lock."""
+    """Every commit of every key in a dict, behind one lock.
 
-    def __init__(self) -> None:
+    :param deserialization: how the commits read from it make their ``value``; a commit is
+        kept read this way, so each one is deserialized once however often it is read.
+    """
+
+    def __init__(self, *, deserialization: KeyValueDeserialization | None = None) -> None:
+        self.deserialization = deserialization
         self._lock = threading.Lock()
         self._history: dict[str, list[Commit]] = {}
 
@@ -50,6 +56,9 @@ class MemoryCommitStorage:
             return commits[max(0, end - limit) : end][::-1]
 
     def save(self, commit: Commit) -> None:
+        # As a database would: what is read back has this storage's deserialization, whatever
+        # the saved object carried.
+        commit = commit.with_deserialization(self.deserialization)
         with self._lock:
             commits = self._history.setdefault(commit.key, [])
             check_next_version(commit, len(commits))

@@ -399,7 +399,8 @@ def post_commit(key: str, version: str) -> Response:
         head = rainer.database_storage.get(key)
         raise CommitOrderingError(key, (head.version if head else 0) + 1, number)
     if not empty:
-        rainer.payloads.validate(key, body)
+        # Validation is deserializing with the format readers use; the value is not kept.
+        rainer.payloads.deserialize(key, body)
     commit = Commit(
         key, number, None if empty else body, author, comment, mtime, identity=identity or ""
     )

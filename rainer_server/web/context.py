@@ -14,7 +14,8 @@ from typing import Any
 from flask import current_app
 
 from rainer_server import metrics
-from rainer_server.payloads import PayloadValidator
+from rainer_server.payloads import Payloads
+from rainer_server.payloads import make_payloads
 from rainer_server.settings import Settings
 from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import DbCommitStorage
@@ -42,7 +43,8 @@ class RainerContext:
         self._database_started = False
         self._lock = threading.RLock()
         self.settings: Settings = Settings()
-        self.payloads = PayloadValidator()
+        # The settings' payload format: a POST's payload must deserialize with it.
+        self.payloads: Payloads = make_payloads()
         # Anyone may do anything until init_app reads the settings.
         self.gate = Gate(self.settings, None)
         # Serialised lists by query flags: (heads token or mirror view, body).

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask
 
 from rainer_server import audit
-from rainer_server.payloads import PayloadValidator
+from rainer_server.payloads import make_payloads
 from rainer_server.settings import DEFAULTS
 from rainer_server.settings import load_settings
 from rainer_server.settings import settings_from_environ
@@ -45,7 +45,7 @@ class Rainer(RainerContext):
         self.settings = load_settings(
             {key.lower(): value for key, value in app.config.get_namespace("RAINER_").items()}
         )
-        self.payloads = PayloadValidator(self.settings.payload_format, self.settings.payload_schemas)
+        self.payloads = make_payloads(self.settings.payload_format, self.settings.payload_schemas)
         self.gate = open_gate(self.settings, open_database(self.settings.database_url))
         audit.configure(self.settings.audit_log)
         app.extensions["rainer"] = self

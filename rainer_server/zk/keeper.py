@@ -25,6 +25,7 @@ from rainer_server.errors import CommitTooLarge
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
+from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.znode import describe_size
 from rainer_server.zk.znode import join
@@ -85,6 +86,7 @@ class CommitKeeper:
     :param base_path: the keeper's root (``/rainer``); ``data/`` and ``election/`` live below.
     :param timeout: the longest one call waits on ZooKeeper, in seconds.
     :param max_znode_bytes: commits that serialize larger than this are refused.
+    :param deserialization: how the commits it reads, and its mirrors', make their ``value``.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class CommitKeeper:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_znode_bytes: int = DEFAULT_MAX_ZNODE_BYTES,
+        deserialization: KeyValueDeserialization | None = None,
     ) -> None:
         self.client = client
+        self.deserialization = deserialization
         self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else "/"
         self.data_path = join(self.base_path, "data")
         self.election_path = join(self.base_path, "election")
@@ -122,7 +126,7 @@ class CommitKeeper:
         """
         deadline = self._start()
         data, _stat = self._read_znode(self.znode(key), deadline)
-        return None if data is None else parse_znode(key, data)
+        return None if data is None else parse_znode(key, data, self.deserialization)
 
     def keys(self) -> list[str]:
         """Every key with a znode, sorted (unparseable ones included)."""
@@ -152,7 +156,7 @@ class CommitKeeper:
             except NoNodeError:
                 continue  # deleted since it was listed
             try:
-                heads[key] = parse_znode(key, data)
+                heads[key] = parse_znode(key, data, self.deserialization)
             except InvalidCommit as exc:
                 log.error("Commit with bad serialization: %s: %s, data = %s", key, exc, describe_size(data))
         return heads

@@ -11,8 +11,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import ItemsView
 from collections.abc import Iterator
+from collections.abc import KeysView
 from collections.abc import Mapping
+from collections.abc import ValuesView
 from functools import partial
 from typing import Any
 from typing import Protocol
@@ -26,6 +29,7 @@ from kazoo.protocol.states import KazooState
 from rainer_server.commit import Commit
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
+from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.zk.znode import describe_size
 from rainer_server.zk.znode import parse_znode
 
@@ -39,6 +43,7 @@ class ZnodeSource(Protocol):
     client: KazooClient
     data_path: str
     timeout: float
+    deserialization: KeyValueDeserialization | None
 
     def znode(self, key: str) -> str: ...
 
@@ -106,6 +111,70 @@ class MirrorView(Mapping[str, Commit]):
 _EMPTY_VIEW: Mapping[str, Commit] = MirrorView(immutables.Map())
 
 
+class MirrorValues(Mapping[str, Any]):
+    """A mirror's values, live: key -> ``commit.value``, read from the newest view at each access.
+
+    A value is deserialized at its first read and kept with its commit, so a key nobody reads
+    costs nothing and a key that has not changed is not deserialized again. ``keys()``,
+    ``values()`` and ``items()`` each walk one view, so one loop sees one consistent state
+    (``dict(m.items())`` is a consistent copy); separate reads (``m[a]``, then ``m[b]``) may
+    see a change in between.
+
+    :raises PayloadDeserializationError: (reading a value) the payload does not deserialize.
+    """
+
+    __slots__ = ("_mirror",)
+
+    def __init__(self, mirror: CommitMirror) -> None:
+        self._mirror = mirror
+
+    def __getitem__(self, key: str) -> Any:
+        return self._mirror.current[key].value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        commit = self._mirror.current.get(key)
+        return default if commit is None else commit.value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._mirror.current
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mirror.current)
+
+    def __len__(self) -> int:
+        return len(self._mirror.current)
+
+    def keys(self) -> KeysView[str]:
+        return _ValuesSnapshot(self._mirror.current).keys()
+
+    def items(self) -> ItemsView[str, Any]:
+        return _ValuesSnapshot(self._mirror.current).items()
+
+    def values(self) -> ValuesView[Any]:
+        return _ValuesSnapshot(self._mirror.current).values()
+
+    def __repr__(self) -> str:
+        return f"MirrorValues({self._mirror!r})"
+
+
+class _ValuesSnapshot(Mapping[str, Any]):
+    """The values of one view (what ``MirrorValues``' views walk)."""
+
+    __slots__ = ("_commits",)
+
+    def __init__(self, commits: Mapping[str, Commit]) -> None:
+        self._commits = commits
+
+    def __getitem__(self, key: str) -> Any:
+        return self._commits[key].value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._commits)
+
+    def __len__(self) -> int:
+        return len(self._commits)
+
+
 class CommitMirror:
     """A live, immutable view of every parseable znode under a keeper's ``data/``.
 
@@ -160,6 +229,10 @@ class CommitMirror:
     def current(self) -> Mapping[str, Commit]:
         """The latest view: an immutable mapping key -> commit."""
         return self._current
+
+    def values(self) -> MirrorValues:
+        """A live mapping key -> value (``commit.value``, with the keeper's deserialization)."""
+        return MirrorValues(self)
 
     @property
     def unparseable(self) -> frozenset[str]:
@@ -399,7 +472,9 @@ class CommitMirror:
                     log.info("Commit removed: %s", key)
             else:
                 try:
-                    commit = parse_znode(key, data)
+                    # The payload is not deserialized here (kazoo's thread, every change):
+                    # a value is made when a reader first asks for it.
+                    commit = parse_znode(key, data, self.keeper.deserialization)
                 except InvalidCommit as exc:
                     self._unparseable.add(key)
                     log.error(
@@ -461,4 +536,4 @@ class CommitMirror:
             log.exception("Mirror subscriber %r failed", fn)
 
 
-__all__ = ["CommitMirror", "MirrorView"]
+__all__ = ["CommitMirror", "MirrorValues", "MirrorView"]

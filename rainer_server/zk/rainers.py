@@ -11,7 +11,9 @@ from kazoo.protocol.states import KazooState
 
 from rainer_server.commit import Commit
 from rainer_server.metrics import ZooKeeperMetrics
+from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.storage import CommitStorage
+from rainer_server.zk.keeper import DEFAULT_TIMEOUT
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.publisher import AutoPublisher
@@ -45,17 +47,21 @@ class Rainers:
         delay: bool = True,
         *,
         keeper_timeout: float | None = None,
+        deserialization: KeyValueDeserialization | None = None,
         **publisher_kwargs: Any,
     ) -> Rainers:
         """Build (without starting) the keeper, keeper-publishing storage and auto-publisher.
 
         :param keeper_timeout: the longest one keeper call waits (``keeper.DEFAULT_TIMEOUT``).
+        :param deserialization: the keeper's (and so its mirrors'), for typed ``value``s; give
+            the underlying storage the same one for its reads.
         :param publisher_kwargs: passed on to ``AutoPublisher`` (``mirror``, ``identifier``, ...).
         """
-        keeper = (
-            CommitKeeper(kazoo_client, base_path)
-            if keeper_timeout is None
-            else CommitKeeper(kazoo_client, base_path, timeout=keeper_timeout)
+        keeper = CommitKeeper(
+            kazoo_client,
+            base_path,
+            timeout=DEFAULT_TIMEOUT if keeper_timeout is None else keeper_timeout,
+            deserialization=deserialization,
         )
         storage = keeper_publishing(underlying_storage, keeper)
         # The publisher reads the underlying storage: its heads are the truth to publish.

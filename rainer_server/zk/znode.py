@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rainer_server.commit import Commit
 from rainer_server.errors import InvalidCommit
+from rainer_server.payloads import KeyValueDeserialization
 
 
 def join(parent: str, child: str) -> str:
@@ -20,13 +21,16 @@ def describe_size(data: bytes) -> str:
     return f"[{len(data)} bytes]"
 
 
-def parse_znode(key: str, data: bytes) -> Commit:
-    """Parse a znode's data as the commit of ``key``.
+def parse_znode(
+    key: str, data: bytes, deserialization: KeyValueDeserialization | None = None
+) -> Commit:
+    """Parse a znode's data as the commit of ``key`` (whose ``value`` reads with
+    ``deserialization``; the payload is not deserialized here).
 
     :raises InvalidCommit: when the data is not a commit in the wire format, or is the commit
         of another key (the original refused those too).
     """
-    commit = Commit.deserialize(data)
+    commit = Commit.deserialize(data, deserialization)
     if commit.key != key:
         raise InvalidCommit(f"Commit has wrong name: expected '{key}', got '{commit.key}'")
     return commit
