@@ -397,12 +397,12 @@ def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, blo
 # ====================================================================== 4. GET throughput
 
 
-def verify_cached(base: str, n: int = 50) -> list[str]:
+def verify_cached(base: str, n: int = 50, sent: dict[str, str] | None = None) -> list[str]:
     """A sample of GETs answered from the mirror with the seeded payload."""
     problems = []
     for i in random.Random(n).sample(range(NKEYS), n):
         key = key_name(i)
-        status, headers, body = http_request(base, "GET", f"/diary/{key}")
+        status, headers, body = http_request(base, "GET", f"/diary/{key}", headers=sent)
         if status != 200 or body != make_payload(key, 1):
             problems.append(f"{base} GET /diary/{key}: {status}, body {body[:80]!r}")
         elif headers.get("X-Rainer-Cached") != "Yes":
@@ -410,7 +410,7 @@ def verify_cached(base: str, n: int = 50) -> list[str]:
     return problems
 
 
-def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
+def bench_gets(servers: dict[str, Gunicorn], args, token: str) -> dict:
     script = BENCH / "get.lua"  # bench_core's: heads of random keys
     script_args = ["/diary", str(NKEYS), "0"]
     masters = [os.getpid()] + [s.process.pid for s in servers.values()]
@@ -420,8 +420,10 @@ def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
         server = servers[name]
         cpu0 = tree_cpu({server.process.pid})
         with CpuWatch(masters) as cpu:
-            result = run_wrk(server.base + "/diary/key-00000", script, script_args, seconds,
-                             args.connections, args.threads)
+            # rainer_auth: every request carries a token the policy must look up.
+            extra_args = [token] if name == "rainer_auth" else []
+            result = run_wrk(server.base + "/diary/key-00000", script, script_args + extra_args,
+                             seconds, args.connections, args.threads)
         server_cpu = tree_cpu({server.process.pid}) - cpu0
         server.check_alive()
         return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
@@ -469,7 +471,8 @@ def bench_gets(servers: dict[str, Gunicorn], args) -> dict:
     return rows
 
 
-def wait_cached(rainer: Gunicorn, timeout: float = 120) -> float:
+def wait_cached(rainer: Gunicorn, timeout: float = 120,
+                headers: dict[str, str] | None = None) -> float:
     """Seconds until 20 answers in a row (spread over the workers) come from a mirror."""
     started = time.monotonic()
     deadline = started + timeout
@@ -480,10 +483,11 @@ def wait_cached(rainer: Gunicorn, timeout: float = 120) -> float:
                                f"{rainer.output()}")
         rainer.check_alive()
         try:
-            status, headers, _ = http_request(rainer.base, "GET", "/diary/key-00000")
+            status, answer, _ = http_request(rainer.base, "GET", "/diary/key-00000",
+                                             headers=headers)
         except OSError:
-            status, headers = 0, {}
-        if status == 200 and headers.get("X-Rainer-Cached") == "Yes":
+            status, answer = 0, {}
+        if status == 200 and answer.get("X-Rainer-Cached") == "Yes":
             good += 1
         else:
             good = 0
@@ -538,6 +542,15 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
             row(f"  GET worker CPU per request vs {name}", r["cpu_us_per_req"], "us",
                 gets[name]["cpu_us_per_req"], r.get(f"cpu_ratio_vs_{name}"),
                 note="ratio = floor CPU / Rainer CPU (same sense as req/s)")
+        if "rainer_auth" in gets:
+            a = gets["rainer_auth"]
+            # ratio_vs_rainer_auth is off/on: the row shows on/off.
+            off_over_on = r.get("ratio_vs_rainer_auth")
+            ratio = 1 / off_over_on if off_over_on else 0.0
+            row("GET /diary/<key> cached, auth on (token + policy) vs off", a["rps"], "req/s",
+                r["rps"], ratio, target=">= 0.80x",
+                verdict="PASS" if ratio >= 0.8 else "FAIL",
+                note=f"worker CPU {a['cpu_us_per_req']:.0f} vs {r['cpu_us_per_req']:.0f} us/req")
     if pub:
         a = pub["pass_a"]
         ok_a = (a["created"] == NKEYS and not a["failed"] and not a["refused"]
@@ -639,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     invalid: list[str] = []
     extra: dict = {}
     try:
+        from rainer_server.storage.db import open_database
+        from rainer_server.storage.tokens import DbTokenStore
         from tests.zkserver import ZooKeeperServer
 
         log(f"rainer keeper bench: {os.cpu_count()} CPUs, load1 {os.getloadavg()[0]:.2f}, "
@@ -662,8 +677,17 @@ def main(argv: list[str] | None = None) -> int:
             RAINER_PUBLISH_PERIOD="3600",
             PYTHONDONTWRITEBYTECODE="1",
         )
+        # The same service with access control on: a token per request, a policy naming
+        # the identity (not "*"), so each read costs the identity lookup and the decision.
+        policy = workdir / "policy.yaml"
+        policy.write_text("rules:\n  - keys: '*'\n    read: [bench]\n    write: [bench]\n")
+        token = DbTokenStore(open_database(db_url), TABLE + "_tokens").create("bench")
+        auth = {"Authorization": f"Bearer {token}"}
         servers = {
             "rainer": Gunicorn("rainer", "wsgi:app", env, args.workers, workdir),
+            "rainer_auth": Gunicorn("rainer_auth", "wsgi:app",
+                                    {**env, "RAINER_AUTH": "token", "RAINER_POLICY": str(policy)},
+                                    args.workers, workdir),
             "flask_dict": Gunicorn("flask_dict", f"{FLOOR_MODULE}:flask_dict", env,
                                    args.workers, workdir),
             "bare_wsgi": Gunicorn("bare_wsgi", f"{FLOOR_MODULE}:bare_wsgi", env,
@@ -672,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.wait_ready()
         extra["workers_cached_s"] = wait_cached(servers["rainer"])
+        wait_cached(servers["rainer_auth"], headers=auth)
+        status, _, _ = http_request(servers["rainer_auth"].base, "GET", "/diary/key-00042")
+        if status != 401:
+            raise RuntimeError(f"rainer_auth answered {status} without a token")
         log(f"gunicorns up; every Rainer worker serves from its mirror after "
             f"{extra['workers_cached_s']:.1f} s")
         for name in ("flask_dict", "bare_wsgi"):
@@ -688,8 +716,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms (n={s['n']})")
 
         invalid += verify_cached(servers["rainer"].base)
-        gets = bench_gets(servers, args)
+        invalid += verify_cached(servers["rainer_auth"].base, sent=auth)
+        gets = bench_gets(servers, args, token)
         invalid += verify_cached(servers["rainer"].base)
+        invalid += verify_cached(servers["rainer_auth"].base, sent=auth)
         for name, r in gets.items():
             log(f"GET {name:<11} {r['rps']:8.0f} req/s (spread {r['spread_pct']:.0f}%), "
                 f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['non2xx']} non-2xx, "

@@ -1,5 +1,6 @@
--- GETs spread over keys (and versions): wrk ... -s get.lua <url> -- <prefix> <nkeys> <maxversion>
+-- GETs spread over keys (and versions): wrk ... -s get.lua <url> -- <prefix> <nkeys> <maxversion> [token]
 -- maxversion 0 requests the head (<prefix>/key-NNNNN), otherwise <prefix>/key-NNNNN/<1..maxversion>.
+-- With a token, every request carries "Authorization: Bearer <token>".
 local next_id = 1
 
 function setup(thread)
@@ -11,6 +12,9 @@ function init(args)
    prefix = args[1] or "/diary"
    nkeys = tonumber(args[2] or "10000")
    maxversion = tonumber(args[3] or "0")
+   if args[4] then
+      wrk.headers["Authorization"] = "Bearer " .. args[4]
+   end
    math.randomseed(os.time() * 1000 + (id or 0) * 7919)
 end
 
