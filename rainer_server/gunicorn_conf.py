@@ -1,13 +1,29 @@
 """gunicorn settings for Rainer: ``gunicorn -c python:rainer_server.gunicorn_conf rainer_server.wsgi:app``
 (``config/gunicorn.conf.py`` and ``wsgi.py`` at the top of a checkout are shims over these).
 
-Command-line flags (``--bind``, ``--workers``) override these. Hooks stay thin: the logic lives
-in ``rainer_server.gunicorn_hooks``.
+``RAINER_BIND`` and ``RAINER_WORKERS`` are settings like any other (``rainer_server.settings``
+validates them all, from the environment and the ``RAINER_CONFIG`` file); command-line flags
+(``--bind``, ``--workers``) override them. Hooks stay thin: the logic lives in
+``rainer_server.gunicorn_hooks``.
 """
 
 import os
+import sys
 
 from rainer_server import gunicorn_hooks
+from rainer_server.errors import ConfigurationError
+from rainer_server.settings import configured_values
+from rainer_server.settings import load_settings
+from rainer_server.settings import without_prefix
+
+try:
+    # Every setting, not just gunicorn's: a bad one stops startup before anything is made.
+    # Unknown names are reported once, when the app reads the same sources.
+    _settings = load_settings(without_prefix(configured_values(os.environ)))
+except ConfigurationError as exc:
+    # gunicorn prints a traceback for any exception in its config file; this is one line.
+    sys.exit(f"rainer: {exc}")
+gunicorn_hooks.route_startup_logging()
 
 # Prometheus multiprocess mode: every worker writes its metrics to files in this directory
 # and /metrics adds them up. It must be set before the (preloaded) app imports
@@ -15,16 +31,17 @@ from rainer_server import gunicorn_hooks
 # is made (and removed on exit).
 gunicorn_hooks.prepare_metrics_dir()
 
-bind = os.environ.get("RAINER_BIND", "127.0.0.1:8080")
-workers = int(os.environ.get("RAINER_WORKERS", "2"))
+bind = _settings.bind
+workers = _settings.workers
 worker_class = "sync"
 # Database timeouts (3 s connect, 10 s read/write) sit well below this, so a sick database
 # becomes a 503 rather than a killed worker.
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
-# Load the app once in the master: a bad setting stops startup with one line instead of
-# every worker failing in a loop. create_app opens no sockets and starts no threads.
+# Load the app once in the master: a database that refuses the configured name or user
+# stops startup with one line instead of every worker failing in a loop. The check closes
+# its connection, and create_app opens no sockets and starts no threads: nothing is forked.
 preload_app = True
 control_socket_disable = True
 accesslog = "-"

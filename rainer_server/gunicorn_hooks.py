@@ -92,7 +92,21 @@ class GunicornErrorLogHandler(logging.Handler):
 def route_logging(server: Any) -> None:
     """Send the ``rainer_server`` (and kazoo's warnings) log to gunicorn's error log,
     at gunicorn's ``loglevel``. Idempotent."""
-    error_log = server.log.error_log
+    _route_logging(server.log.error_log)
+
+
+def route_startup_logging() -> None:
+    """Route the log before there is a server to ask (call it from the config file).
+
+    The app is preloaded before any hook runs, so its start-up warnings (unknown settings,
+    a database that is down) would otherwise miss gunicorn's format. gunicorn sets up its
+    error logger's handlers before it loads the app; until ``when_ready`` routes again with
+    gunicorn's level, warnings and worse pass.
+    """
+    _route_logging(logging.getLogger("gunicorn.error"))
+
+
+def _route_logging(error_log: logging.Logger) -> None:
     for name, least in ROUTED_LOGGERS.items():
         logger = logging.getLogger(name)
         for handler in [h for h in logger.handlers if isinstance(h, GunicornErrorLogHandler)]:

@@ -1,15 +1,24 @@
-"""Settings: their names, defaults and validation, independent of Flask.
+"""Settings: their names, defaults, validation and sources, independent of Flask and gunicorn.
 
-Every setting is named ``RAINER_<NAME>`` in the environment and in a settings file; this
-module sees them without the prefix, lower-cased (``database_url``).
+Every setting is named ``RAINER_<NAME>`` in the environment, in the settings file named by
+``RAINER_CONFIG`` and in a Flask app's config; ``SettingsSchema`` sees them without the
+prefix, lower-cased (``database_url``). The gunicorn settings (``RAINER_BIND``,
+``RAINER_WORKERS``) are validated here too, so one bad value of any kind stops every way of
+starting the service with the same one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import re
+import traceback
+from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE
 from marshmallow import Schema
@@ -22,6 +31,9 @@ from rainer_server.errors import ConfigurationError
 from rainer_server.payloads import FORMATS
 
 PAYLOAD_FORMATS = tuple(FORMATS)
+PREFIX = "RAINER_"
+#: The environment variable naming a Python settings file.
+CONFIG_NAME = "RAINER_CONFIG"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +56,10 @@ class Settings:
     proxy_identity_header: str = "X-Remote-User"
     trusted_proxies: str = "127.0.0.1,::1"
     audit_log: str | None = None
+    health_routes: bool = True
+    # gunicorn's (rainer_server.gunicorn_conf); the Flask app does not use them.
+    bind: str = "127.0.0.1:8080"
+    workers: int = 2
 
     @property
     def auth_modes(self) -> frozenset[str]:
@@ -59,8 +75,46 @@ class Settings:
         )
 
 
-NAMES = tuple(f"RAINER_{field.name.upper()}" for field in dataclasses.fields(Settings))
-DEFAULTS = {f"RAINER_{f.name.upper()}": getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
+NAMES = tuple(f"{PREFIX}{field.name.upper()}" for field in dataclasses.fields(Settings))
+DEFAULTS = {
+    f"{PREFIX}{f.name.upper()}": getattr(Settings(), f.name) for f in dataclasses.fields(Settings)
+}
+
+#: RAINER_* names that are not settings of the service but may well be set in the same
+#: shell or unit, so they are never reported as unknown.
+OTHER_NAMES = {
+    CONFIG_NAME: "the settings file",
+    "RAINER_URL": "the rainer command's server",
+    "RAINER_TOKEN": "the rainer command's credentials",
+    "RAINER_AUTHOR": "the rainer command's author of commits",
+    "RAINER_PROMETHEUS_MASTER": "gunicorn_hooks' mark on the metrics directory it prepared",
+}
+#: Prefixes of RAINER_* names that belong to tools: the test suite's services and options.
+OTHER_PREFIXES = ("RAINER_TEST_",)
+
+_DATABASE_URL_FORM = "must be sqlite:///path or mysql://user:password@host:port/database"
+# host:port, [ipv6]:port, unix:path or fd://number: the forms gunicorn's --bind takes.
+_BIND = re.compile(r"(?:unix:.+|fd://\d+|(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5}))\Z")
+
+
+def _check_database_url(value: str) -> None:
+    # The scheme is the Regexp's job; this catches what peewee would refuse only on the first
+    # request. The messages never repeat the URL: it may hold a password.
+    parts = urlsplit(value)
+    if not parts.scheme.startswith("mysql"):
+        return
+    try:
+        parts.port
+    except ValueError:
+        raise ValidationError("the port must be a number from 0 to 65535") from None
+    if not parts.path.strip("/"):
+        raise ValidationError(f"names no database: {_DATABASE_URL_FORM}")
+
+
+def _check_bind(value: str) -> None:
+    match = _BIND.match(value)
+    if match is None or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536):
+        raise ValidationError("must be host:port, [ipv6 address]:port, unix:/path or fd://number")
 
 
 AUTH_CHOICES = ("none", "token", "proxy", "token,proxy", "proxy,token")
@@ -80,8 +134,10 @@ class SettingsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    database_url = fields.String(validate=validate.Regexp(r"^(sqlite|mysql)[a-z+]*://", error=(
-        "must be sqlite:///path or mysql://user:password@host:port/database")))
+    database_url = fields.String(validate=[
+        validate.Regexp(r"^(sqlite|mysql)[a-z+]*://", error=_DATABASE_URL_FORM),
+        _check_database_url,
+    ])
     table = fields.String(validate=validate.Regexp(
         r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", error="must be a plain SQL identifier"))
     url_prefix = fields.String(validate=validate.Regexp(
@@ -102,6 +158,9 @@ class SettingsSchema(Schema):
         r"^[A-Za-z0-9-]+$", error="must be an HTTP header name"))
     trusted_proxies = fields.String(validate=_valid_networks)
     audit_log = fields.String(allow_none=True)
+    health_routes = fields.Boolean()
+    bind = fields.String(validate=_check_bind)
+    workers = fields.Integer(validate=validate.Range(min=1, max=1024))
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> Settings:
@@ -121,7 +180,7 @@ def load_settings(values: Mapping[str, Any]) -> Settings:
     except ValidationError as exc:
         name, messages = next(iter(sorted(exc.messages.items())))
         detail = messages if isinstance(messages, str) else "; ".join(map(str, _flatten(messages)))
-        raise ConfigurationError(f"Invalid setting RAINER_{name.upper()}: {detail}") from None
+        raise ConfigurationError(f"Invalid setting {PREFIX}{name.upper()}: {detail}") from None
     if settings.auth_modes and not settings.policy:
         raise ConfigurationError(
             f"Invalid setting RAINER_POLICY: required with RAINER_AUTH={settings.auth} "
@@ -134,6 +193,15 @@ def load_settings(values: Mapping[str, Any]) -> Settings:
     return settings
 
 
+def without_prefix(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``RAINER_*`` entries of ``values`` as ``load_settings`` takes them."""
+    return {
+        name[len(PREFIX):].lower(): value
+        for name, value in values.items()
+        if name.startswith(PREFIX)
+    }
+
+
 def _flatten(messages: Any) -> list[Any]:
     if isinstance(messages, dict):
         return [f"{k}: {v}" for k, value in messages.items() for v in _flatten(value)]
@@ -142,8 +210,89 @@ def _flatten(messages: Any) -> list[Any]:
     return [messages]
 
 
+# ---------------------------------------------------------------------- sources
+
+
 def settings_from_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``RAINER_*`` settings present in ``environ`` (other ``RAINER_`` names belong to tools)."""
+    """The ``RAINER_*`` settings present in ``environ`` (other ``RAINER_`` names belong to
+    tools)."""
     return {name: environ[name] for name in NAMES if name in environ}
 
 
+def configured_values(
+    environ: Mapping[str, str], warn: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
+    """What the file named by ``RAINER_CONFIG`` and then the environment set (the environment
+    wins), with their prefix, not yet validated.
+
+    The file's other upper-case names (Flask's own settings) are returned as well. Unknown
+    ``RAINER_*`` names are left out, and each is passed to ``warn`` in one line naming the
+    closest known name: a typo must not pass silently, but it need not stop the service.
+
+    :raises ConfigurationError: when ``RAINER_CONFIG`` names a file that is missing, or that
+        does not run.
+    """
+    path = environ.get(CONFIG_NAME)
+    from_file = read_settings_file(path) if path else {}
+    if warn is not None:
+        for message in (
+            *unknown_setting_messages(from_file, str(path)),
+            *unknown_setting_messages(environ, "the environment"),
+        ):
+            warn(message)
+    values = {
+        name: value
+        for name, value in from_file.items()
+        if not name.startswith(PREFIX) or name in NAMES
+    }
+    values.update(settings_from_environ(environ))
+    return values
+
+
+def read_settings_file(path: str) -> dict[str, Any]:
+    """The upper-case names a Python settings file defines (Flask's ``from_pyfile`` rules).
+
+    A relative path is relative to the working directory.
+
+    :raises ConfigurationError: in one line naming ``RAINER_CONFIG`` (and the line of the
+        file), when the file cannot be read or does not run.
+    """
+    def refuse(reason: str) -> ConfigurationError:
+        return ConfigurationError(f"Invalid setting {CONFIG_NAME}: {' '.join(reason.split())}")
+
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+    except OSError as exc:
+        raise refuse(f"cannot read {path}: {exc.strerror or exc}") from None
+    namespace: dict[str, Any] = {"__file__": path, "__name__": "rainer_config"}
+    try:
+        code = compile(source, path, "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes
+        line = getattr(exc, "lineno", None)
+        where = f"{path} line {line}" if line else path
+        raise refuse(f"{where}: {getattr(exc, 'msg', None) or exc}") from None
+    try:
+        exec(code, namespace)
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        line = next((f.lineno for f in reversed(frames) if f.filename == path), None)
+        where = f"{path} line {line}" if line else path
+        raise refuse(f"{where}: {type(exc).__name__}: {exc}") from None
+    return {name: value for name, value in namespace.items() if name.isupper()}
+
+
+def unknown_setting_messages(names: Iterable[str], where: str) -> list[str]:
+    """One line for each ``RAINER_*`` name in ``names`` that nothing reads, with the closest
+    known name when one is close."""
+    known = (*NAMES, *OTHER_NAMES)
+    # Compared without the prefix every name shares, which would make any two look alike.
+    stems = {name[len(PREFIX):]: name for name in known}
+    messages = []
+    for name in sorted(names):
+        if not name.startswith(PREFIX) or name in known or name.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name[len(PREFIX):], stems, n=1)
+        hint = f" (did you mean {stems[close[0]]}?)" if close else ""
+        messages.append(f"Unknown setting {name} in {where} is ignored{hint}")
+    return messages

@@ -1,7 +1,8 @@
 """Operational endpoints: ``/healthz``, ``/readyz`` and ``/metrics``, and request metrics.
 
 Registered on the app itself, never under ``RAINER_URL_PREFIX``, so they cannot collide with
-keys (with an empty prefix, werkzeug still prefers these static rules over ``/<key>``).
+keys (with an empty prefix, werkzeug still prefers these static rules over ``/<key>``). An
+embedding app may have routes of these names already: those it keeps (see ``register``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint
+from flask import Flask
 from flask import Response
 from flask import request
 
@@ -19,8 +21,6 @@ from rainer_server.metrics import exposition
 from rainer_server.web.context import get_rainer
 
 log = logging.getLogger(__name__)
-
-bp = Blueprint("rainer_health", __name__)
 
 # '/' is never part of a key, so this primary-key lookup finds nothing: the cheapest query
 # that goes through the storage's own connection handling, timeouts and reconnects.
@@ -32,13 +32,11 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, mimetype="application/json", headers=NO_STORE)
 
 
-@bp.get("/healthz")
 def healthz() -> Response:
     """The process is alive and answering; says nothing about its dependencies."""
     return _json({"status": "ok"})
 
 
-@bp.get("/readyz")
 def readyz() -> Response:
     """Whether this worker can serve: database reachable, and when ZooKeeper is configured,
     connected with this worker's mirror complete. 503 with the failing checks otherwise."""
@@ -73,9 +71,30 @@ def _check_database(rainer: Any) -> str:
     return "ok"
 
 
-@bp.get("/metrics")
 def prometheus_metrics() -> Response:
     body, content_type = exposition(request.headers.get("Accept"))
     return Response(body, 200, content_type=content_type, headers=NO_STORE)
 
 
+ROUTES = {"/healthz": healthz, "/readyz": readyz, "/metrics": prometheus_metrics}
+
+
+def register(app: Flask) -> None:
+    """Add the routes to ``app``, except those it routes already: the app's own view keeps
+    answering there, and a warning says so (``RAINER_HEALTH_ROUTES=false`` adds none).
+
+    Only routes the app has by now are seen: register the app's own before Rainer.
+    """
+    taken = {rule.rule: rule.endpoint for rule in app.url_map.iter_rules()}
+    bp = Blueprint("rainer_health", __name__)
+    for path, view in ROUTES.items():
+        if path in taken:
+            log.warning(
+                "Not adding Rainer's %s: the app already routes it to %s "
+                "(set RAINER_HEALTH_ROUTES=false to add none of /healthz, /readyz, /metrics)",
+                path,
+                taken[path],
+            )
+            continue
+        bp.add_url_rule(path, view_func=view, methods=["GET"])
+    app.register_blueprint(bp)
