@@ -187,7 +187,14 @@ def test_unreachable_database_is_503_with_retry_after(tmp_path):
             assert status == 503, (url, status, body)
             assert headers["Retry-After"] == "5"
             assert b"Database unavailable" in body and b"Traceback" not in body
+            # The driver's text (host, port, errno) is for the log, not for clients.
+            assert json.loads(body) == {"error": "Database unavailable"}
             assert time.monotonic() - started < 10
+        status, _, body = request(server.url.rsplit("/", 1)[0] + "/readyz")
+        assert status == 503 and b"127.0.0.1" not in body and b"Can't connect" not in body
+        output = server.output()
+        assert "Database unavailable at startup, starting anyway" in output
+        assert "Can't connect to MySQL server on '127.0.0.1'" in output
     finally:
         server.stop()
 

@@ -7,14 +7,17 @@ import time
 
 import pytest
 
+from rainer_server.errors import ConfigurationError
 from rainer_server.errors import StorageUnavailable
 from rainer_server.storage import with_post_save_hook
 from rainer_server.storage import with_pre_save_hook
 from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import check_database
 from rainer_server.storage.db import open_database
 from tests.storage_contract import *  # noqa: F401,F403 (the contract's test functions)
 from tests.storage_contract import commit
 from tests.storage_contract import save_versions
+from tests.zkserver import free_port
 
 
 def test_heads_token_counts_commits(storage):
@@ -69,12 +72,34 @@ def test_start_is_idempotent(db_storage):
     assert db_storage.get("k").version == 1
 
 
-def test_unreachable_mysql_is_storage_unavailable():
+def test_unreachable_mysql_is_storage_unavailable(caplog):
     # Port 9 (discard) on loopback refuses at once: the storage must say "unavailable", fast.
     storage = DbCommitStorage(open_database("mysql://root@127.0.0.1:9/rainer"))
     with pytest.raises(StorageUnavailable) as info:
         storage.get("k")
     assert "\n" not in str(info.value)
+    # What clients may see: no host, port or driver text. The log has those.
+    assert str(info.value) == "Database unavailable"
+    assert "Can't connect to MySQL server on '127.0.0.1'" in caplog.text
+
+
+# peewee hands PyMySQL the password as "passwd", which it calls deprecated.
+@pytest.mark.filterwarnings("ignore:'passwd' is deprecated:DeprecationWarning")
+def test_check_database_tells_refusals_from_outages(tmp_path):
+    assert check_database(f"sqlite:///{tmp_path}/ok.db") is None
+    with pytest.raises(ConfigurationError) as info:
+        check_database(f"sqlite:///{tmp_path}/missing/dir/x.db")
+    assert str(info.value) == "unable to open database file"
+    down = check_database(f"mysql://root:pw-31337@127.0.0.1:{free_port()}/rainer")
+    assert down is not None and "(MySQL error 2003)" in down and "pw-31337" not in down
+
+
+@pytest.mark.mysql
+def test_check_database_refuses_an_unknown_mysql_database(mysql_url):
+    assert check_database(mysql_url) is None
+    with pytest.raises(ConfigurationError) as info:
+        check_database(mysql_url.rsplit("/", 1)[0] + "/rainer_no_such_database")
+    assert str(info.value) == "Unknown database 'rainer_no_such_database' (MySQL error 1049)"
 
 
 @pytest.mark.mysql

@@ -40,6 +40,7 @@ from rainer_server.chain import link
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import ConfigurationError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import StorageUnavailable
 from rainer_server.payloads import KeyValueDeserialization
@@ -71,6 +72,17 @@ _DISCONNECT_CODES = {0, 2006, 2013, 2014, 2045, 2055, 4031}
 _DEADLOCK = 1213
 _LOST_RACE_CODES = {1205, _DEADLOCK}
 _DEADLOCK_RETRIES = 3
+# MySQL errors at connect that no retry cures: access denied to the database (1044), for the
+# user (1045, and MariaDB's 1698 for a user it will not let in without a password), the host
+# may not connect at all (1130), unknown database (1049). Anything else (2003 refused, 2005
+# unknown host, 2013 lost, timeouts) may pass: the server is down, starting, or unreachable.
+_REFUSED_CODES = {1044, 1045, 1049, 1130, 1698}
+# SQLite errors at connect that may pass: the file is busy or locked by another process. Any
+# other (can't open, not a database, read-only) is the setting's fault, not an outage.
+_SQLITE_TRANSIENT_CODES = {5, 6}
+# What clients see of a database failure: the driver's text names hosts, ports and users,
+# which belong in the log only.
+UNAVAILABLE = "Database unavailable"
 
 
 class _WithoutParameters(logging.Filter):
@@ -105,6 +117,46 @@ def open_database(url: str) -> peewee.Database:
         return connect(url, **extra)
     except RuntimeError as exc:  # peewee's "unrecognized scheme"
         raise ValueError(str(exc)) from None
+
+
+def check_database(url: str) -> str | None:
+    """Connect to ``url`` once and close again, to tell a database that refuses the setting
+    from one that cannot be reached right now. Leaves no connection open (safe before a fork).
+
+    :returns: ``None`` when the database answers; else, in one line, why it cannot be reached
+        now (the driver's words: for the log, not for clients).
+    :raises ConfigurationError: when the database answers but refuses for good (unknown
+        database, access denied; an SQLite file that cannot be opened), or the URL cannot be
+        opened at all.
+    """
+    try:
+        database = open_database(url)
+    except ValueError:
+        # Not the message: peewee's repeats the URL, and with it the password.
+        raise ConfigurationError("not a database URL this server can open") from None
+    try:
+        database.connect()
+    except (OperationalError, InterfaceError) as exc:
+        if _refused(exc):
+            raise ConfigurationError(_describe(exc)) from None
+        return _describe(exc)
+    finally:
+        if not database.is_closed():
+            database.close()
+    return None
+
+
+def _refused(exc: Exception) -> bool:
+    code = _error_code(exc)
+    if code is not None:
+        return code in _REFUSED_CODES
+    sqlite_code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return sqlite_code is not None and sqlite_code not in _SQLITE_TRANSIENT_CODES
+
+
+def _describe(exc: Exception) -> str:
+    code = _error_code(exc)
+    return _one_line(exc) + (f" (MySQL error {code})" if code else "")
 
 
 class _KeyField(Field):
@@ -467,8 +519,8 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
             ):
                 log.info("Database connection lost (%s); reconnecting", _one_line(exc))
                 continue
-            log.warning("Database unavailable: %s", _one_line(exc))
-            raise StorageUnavailable(f"Database unavailable: {_one_line(exc)}") from exc
+            log.warning("%s: %s", UNAVAILABLE, _describe(exc))
+            raise StorageUnavailable(UNAVAILABLE) from exc
     raise AssertionError("unreachable")
 
 

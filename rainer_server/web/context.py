@@ -14,11 +14,13 @@ from typing import Any
 from flask import current_app
 
 from rainer_server import metrics
+from rainer_server.errors import ConfigurationError
 from rainer_server.payloads import Payloads
 from rainer_server.payloads import make_payloads
 from rainer_server.settings import Settings
 from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import check_database
 from rainer_server.storage.db import open_database
 from rainer_server.web.auth import Gate
 from rainer_server.zk.keeper import CommitKeeper
@@ -84,6 +86,31 @@ class RainerContext:
     def open_storage(self) -> CommitStorage:
         """A new, unstarted storage as the settings describe it."""
         return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
+
+    def check_database(self) -> None:
+        """Connect to the configured database once and close again: refuse a setting the
+        database will never accept, and only log one it cannot reach right now (requests then
+        get 503 until it answers; an outage must not stop a restart).
+
+        Call it once per start, not per request (``rainer_server.wsgi`` does, in gunicorn's
+        master before it forks): it leaves no connection open. Does nothing for a storage
+        given to the constructor.
+
+        :raises ConfigurationError: naming ``RAINER_DATABASE_URL``: unknown database, access
+            denied, an SQLite file that cannot be opened.
+        """
+        if self._given_storage is not None:
+            return
+        try:
+            problem = check_database(self.settings.database_url)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"Invalid setting RAINER_DATABASE_URL: {exc}") from None
+        if problem is not None:
+            log.warning(
+                "Database unavailable at startup, starting anyway (requests get 503 until it "
+                "answers): %s",
+                problem,
+            )
 
     # ------------------------------------------------------------------ ZooKeeper
 
