@@ -121,7 +121,12 @@ def make_files(files: Path, client_certificates: bool) -> None:
         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
         "-keyout", files / "server.key", "-out", files / "server.pem",
     )  # fmt: skip
-    (files / "htpasswd").write_text("".join(f"{n}:{ssha(pw)}\n" for n, pw in PASSWORDS.items()))
+    # alice's hash in nginx's own {SSHA} scheme, bob's as the README says (SHA-512 crypt).
+    sha512 = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input=PASSWORDS["bob"], capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    (files / "htpasswd").write_text(f"alice:{ssha(PASSWORDS['alice'])}\nbob:{sha512}\n")
     if not client_certificates:
         return
     for ca in ("client-ca", "other-ca"):
