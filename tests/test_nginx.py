@@ -44,6 +44,11 @@ def render(site: str, listen_port: int, upstream_port: int, prefix: Path) -> str
     site = replace_once(r"^\s*listen 80;$", f"    listen 127.0.0.1:{listen_port};", site)
     site = replace_once(r"^\s*listen \[::\]:80;$", "", site)
     site = replace_once(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{upstream_port};", site)
+    return nginx_conf(site, prefix)
+
+
+def nginx_conf(site: str, prefix: Path) -> str:
+    """An nginx.conf of its own around ``site``: logs and temporary files under ``prefix``."""
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
