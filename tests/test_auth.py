@@ -58,7 +58,10 @@ IDENTITIES = {
     "revoked": ("token:revoked-user", "invalid"),
     "expired": ("token:expired-user", "invalid"),
     "garbage": ("raw:Bearer rnr_not-a-real-token", "invalid"),
-    "basic": ("raw:Basic YWxpY2U6cHc=", "invalid"),
+    # Another scheme is not a token: with proxy mode on, the caller is anonymous...
+    "basic": ("raw:Basic YWxpY2U6cHc=", None),
+    # ...or whom a trusted proxy names (it checked the password itself).
+    "basic-proxied": ("basic-proxy:pat", "pat"),
     "proxied": ("proxy-trusted:pat", "pat"),
     "spoofed": ("proxy-untrusted:wendy", None),
 }
@@ -103,6 +106,9 @@ def _environ(how: str, tokens: dict[str, str]) -> tuple[dict[str, str], dict[str
         return {"Authorization": f"Bearer {tokens[value]}"}, {"REMOTE_ADDR": "127.0.0.1"}
     if kind == "raw":
         return {"Authorization": value}, {"REMOTE_ADDR": "127.0.0.1"}
+    if kind == "basic-proxy":
+        return ({"Authorization": "Basic cGF0OnB3", "X-Remote-User": value},
+                {"REMOTE_ADDR": "127.0.0.1"})
     if kind == "proxy-trusted":
         return {"X-Remote-User": value}, {"REMOTE_ADDR": "127.0.0.1"}
     if kind == "proxy-untrusted":

@@ -91,7 +91,11 @@ class Gate:
         peer = environ.get("REMOTE_ADDR")
         if "token" in self.modes:
             authorization = environ.get("HTTP_AUTHORIZATION")
-            if authorization is not None:
+            # Another scheme (Basic, from a proxy that checked the password itself) is not a
+            # token: with proxy mode on, the proxy's identity header decides instead.
+            if authorization is not None and (
+                _is_bearer(authorization) or "proxy" not in self.modes
+            ):
                 return self._from_token(authorization, peer)
         proxied = environ.get(self._proxy_environ)
         if proxied is not None:
@@ -113,7 +117,7 @@ class Gate:
         return Caller(None, None, peer)
 
     def _from_token(self, authorization: str, peer: str | None) -> Caller:
-        if not authorization[: len(_BEARER)].lower() == _BEARER:
+        if not _is_bearer(authorization):
             return Caller(None, None, peer, invalid="Authorization must be 'Bearer <token>'")
         token = authorization[len(_BEARER) :].strip()
         assert self.tokens is not None
@@ -184,6 +188,10 @@ class Gate:
             request_id=request_id(environ),
         )
         metrics().access_denied.labels(decision).inc()
+
+
+def _is_bearer(authorization: str) -> bool:
+    return authorization[: len(_BEARER)].lower() == _BEARER
 
 
 def request_id(environ: dict[str, Any]) -> str:
