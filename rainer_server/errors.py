@@ -67,6 +67,13 @@ class ConcurrentCommitError(RainerError):
         self.key = key
 
 
+class LostCompareAndSet(ConcurrentCommitError):
+    """Another writer changed the key's znodes between the keeper's read and its write.
+
+    Unlike a refusal, deciding again on fresh reads may succeed.
+    """
+
+
 class StorageUnavailable(RainerError):
     """The system of record cannot be reached right now; retrying later may work."""
 

@@ -107,7 +107,7 @@ def test_fuzz_bounds(keeper, storage):
         AutoPublisher(keeper.client, keeper, storage, period=0)
 
 
-def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
+def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog, publishers):
     keeper.max_znode_bytes = 10_000
     save_history(
         storage,
@@ -133,6 +133,7 @@ def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
 
     with keeper.mirror() as mirror:
         publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
+        publishers.append(publisher)  # it opens a mirror of deleted/, closed with it
         with caplog.at_level(logging.WARNING, logger="rainer_server.zk.publisher"):
             counts = publisher.publish_all()
         assert (counts.created, counts.updated, counts.deleted) == (1, 2, 1)
@@ -159,9 +160,10 @@ def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
         assert publisher.passes == 2 and publisher.last_counts is again
 
 
-def test_publish_all_without_a_mirror_still_works(keeper, storage):
+def test_publish_all_without_a_mirror_still_works(keeper, storage, publishers):
     save_history(storage, make_commit("a", 2))
     publisher = AutoPublisher(keeper.client, keeper, storage, mirror=None)
+    publishers.append(publisher)
     publisher._owns_mirror = False  # as if the mirror could not be opened
     counts = publisher.publish_all()
     assert counts.created == 1
@@ -340,7 +342,9 @@ def test_leader_session_expiry_stops_leading_then_rejoins_and_repairs(
     wait_until(lambda: keeper.get("a") == make_commit("a"), what="the repair after the new session")
 
 
-def test_ten_thousand_unchanged_keys_make_no_writes(client, keeper, storage, zk, record_property):
+def test_ten_thousand_unchanged_keys_make_no_writes(
+    client, keeper, storage, zk, record_property, publishers
+):
     count = 10_000
     commits = [make_commit(f"key-{i:05d}", 1, b'{"value":%d}' % i) for i in range(count)]
     for commit in commits:
@@ -363,6 +367,7 @@ def test_ten_thousand_unchanged_keys_make_no_writes(client, keeper, storage, zk,
         assert len(mirror.current) == count
         _, parent_before = zk.get(keeper.data_path)
         publisher = AutoPublisher(client, keeper, storage, mirror=mirror)
+        publishers.append(publisher)
         started = time.monotonic()
         counts = publisher.publish_all()
         seconds = time.monotonic() - started
