@@ -421,3 +421,74 @@ def test_leader_whose_election_node_is_deleted_steps_down_and_rejoins(
         what="leadership with a new election node",
     )
     assert zk.get_children(keeper.election_path) != [node]
+
+
+# ---------------------------------------------------------------- an unusable database
+
+
+def failed_pass_lines(caplog) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "rainer_server.zk.publisher" and "Failed to publish commits" in r.message
+    ]
+
+
+def test_a_leader_without_its_database_logs_one_line_per_pass(keeper, publishers, caplog):
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    caplog.set_level(logging.DEBUG)
+    # Port 9 (discard) on loopback refuses at once.
+    unreachable = DbCommitStorage(open_database("mysql://root@127.0.0.1:9/rainer"))
+    publisher = AutoPublisher(
+        keeper.client, keeper, unreachable, period=0.05, fuzz=0.0, delay=False
+    )
+    publishers.append(publisher)
+    publisher.start()
+    wait_until(lambda: publisher.passes >= 3, what="three failed passes")
+    publisher.close()
+    lines = failed_pass_lines(caplog)
+    assert len(lines) == publisher.passes
+    assert all(r.levelno == logging.WARNING and "\n" not in r.getMessage() for r in lines)
+    assert "Database unavailable" in lines[0].getMessage()
+    # One line per pass in all: the storage leaves the reporting to the publisher.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == lines
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert "Traceback" not in caplog.text
+
+
+def test_a_leader_starts_its_storage_before_its_first_pass(keeper, publishers, caplog, tmp_path):
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    caplog.set_level(logging.DEBUG)
+    # A SQLite file whose table nobody created yet (the web app creates it on its first
+    # request), in a directory that does not exist yet either.
+    url = f"sqlite:///{tmp_path}/later/rainer.db"
+    storage = DbCommitStorage(open_database(url))
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=0.05, fuzz=0.0, delay=False)
+    publishers.append(publisher)
+    passes = []
+    publisher.pass_listeners.append(passes.append)
+    publisher.start()
+    wait_until(lambda: publisher.passes >= 2, what="two failed passes")
+    failed = len(failed_pass_lines(caplog))
+    assert failed >= 2 and "unable to open database file" in failed_pass_lines(caplog)[0].message
+
+    (tmp_path / "later").mkdir()
+    wait_until(
+        lambda: publisher.last_counts is not None and not publisher.last_counts.aborted,
+        what="a pass once the file can be made",
+    )
+    writer = DbCommitStorage(open_database(url))  # the table is there: the publisher made it
+    writer.save(make_commit("a"))
+    wait_until(lambda: keeper.get("a") == make_commit("a"), what="the commit to be published")
+    publisher.close()
+    writer.stop()
+    storage.stop()
+    lines = failed_pass_lines(caplog)
+    assert all(r.levelno == logging.WARNING for r in lines)
+    assert len(lines) == sum(1 for counts in passes if counts.aborted) >= 2
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == lines
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -320,7 +320,10 @@ class DbCommitStorage:
                 ):
                     log.info("Database connection lost (%s); reconnecting", _one_line(exc))
                     continue
-                log.warning("Database unavailable: %s", _one_line(exc))
+                # Not a warning here: whoever catches the error reports it once (the HTTP 503
+                # handler, the readiness check, the publisher's pass, the admin command), and
+                # a second line per failure from here only doubled the noise of an outage.
+                log.debug("Database unavailable: %s", _one_line(exc))
                 raise StorageUnavailable(f"Database unavailable: {_one_line(exc)}") from exc
         raise AssertionError("unreachable")
 

@@ -355,6 +355,7 @@ def _invalid(exc: InvalidCommit) -> Response:
 
 @bp.errorhandler(StorageUnavailable)
 def _unavailable(exc: StorageUnavailable) -> Response:
+    log.warning("%s %s: %s", request.method, request.path, exc)
     response = _error(503, str(exc))
     response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response

@@ -65,7 +65,8 @@ def readyz() -> Response:
 def _check_database(rainer: Any) -> str:
     try:
         rainer.database_storage.get(READY_PROBE_KEY)
-    except RainerError as exc:  # StorageUnavailable: already logged by the storage
+    except RainerError as exc:  # StorageUnavailable
+        log.warning("Readiness check of the database failed: %s", exc)
         return f"unavailable: {exc}"
     except Exception as exc:
         log.warning("Readiness check of the database failed: %r", exc)

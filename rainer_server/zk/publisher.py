@@ -171,6 +171,12 @@ def _recorded(deleted: Mapping[str, Commit] | None, key: str, version: int) -> b
     return record is not None and record.version >= version
 
 
+def _one_line(exc: Exception) -> str:
+    # Our own errors say what happened; anything else also needs its type to be found.
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, RainerError) and text else f"{type(exc).__name__}: {text}"
+
+
 class AutoPublisher:
     """Publish every head of ``storage`` to ``keeper`` while leading the election.
 
@@ -230,6 +236,7 @@ class AutoPublisher:
         self._mirror = mirror
         self._owns_mirror = mirror is None
         self._deletions: CommitMirror | None = None
+        self._storage_started = False
         self._election = client.Election(self.election_path, self.identifier)
         # Guards the connection bookkeeping below; the state listener takes it only briefly.
         self._cond = threading.Condition()
@@ -332,6 +339,11 @@ class AutoPublisher:
             started = self._clock()
             counts = PublishCounts()
             try:
+                if not self._storage_started:
+                    # The web app starts the storage on its first request, which may come
+                    # after this pass (a fresh SQLite file has no table until then).
+                    self.storage.start()
+                    self._storage_started = True
                 heads = self.storage.heads()
                 mirror = self._get_mirror(fence)
                 deletions = self._get_deletions(fence)
@@ -473,9 +485,15 @@ class AutoPublisher:
                     break
                 try:
                     self.publish_all(lambda: self._may_lead(term))
-                except Exception:
-                    # The storage may be down; stay leader and try again next period.
-                    log.exception("Failed to publish commits!")
+                except Exception as exc:
+                    # The storage may be down or its table missing: stay leader and try again
+                    # next period, with one line per pass (a traceback every 90 s of an outage
+                    # would bury everything else in the log).
+                    log.warning(
+                        "Failed to publish commits to %s (will try again next period): %s",
+                        self.keeper.data_path,
+                        _one_line(exc),
+                    )
         finally:
             self._leading = False
             self._notify(self.leader_listeners, False)
