@@ -410,7 +410,9 @@ def test_publish_records_deletions_and_check_reports_a_head_they_block(zk_app, z
     fill(storage, [make_commit("gone", 1), make_commit("gone", 2, None), make_commit("a", 1)])
     first = invoke(app, "publish")
     assert first.exit_code == 0, first.output
-    assert first.stdout.strip() == "1 created, 0 updated, 0 deleted, 1 unchanged, 0 refused, 0 failed"
+    assert first.stdout.strip() == (
+        "1 created, 0 updated, 0 deleted, 1 unchanged, 0 refused, 0 failed"
+    )
     # The tombstone of a key ZooKeeper never had is recorded all the same...
     assert Commit.deserialize(zk.get("/rainer/deleted/gone")[0]) == storage.get("gone")
     assert zk.exists("/rainer/data/gone") is None

@@ -220,7 +220,8 @@ class CommitKeeper:
         What the elected publisher compares tombstones with, as it compares commits with a
         ``mirror()``. Same parameters and errors as ``mirror()``.
         """
-        return self._open_mirror(CommitMirror(_DeletionRecords(self), noun="Deletion"), timeout, wait)
+        mirror = CommitMirror(_DeletionRecords(self), noun="Deletion")
+        return self._open_mirror(mirror, timeout, wait)
 
     @staticmethod
     def _open_mirror(mirror: CommitMirror, timeout: float | None, wait: bool) -> CommitMirror:

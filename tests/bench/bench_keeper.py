@@ -236,7 +236,8 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
         # Empty; on the publisher's client, as in gunicorn. What keeper.mirror() does, with the
         # children callback counted (instrumentation only).
         mirror = counted_mirror(CommitMirror(keeper))
-        publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)  # not started: no election
+        # Not started: no election.
+        publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
         try:
             started = time.perf_counter()
             counts = publisher.publish_all()
