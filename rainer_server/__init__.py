@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rainer_server.errors import ExportLineInvalid
     from rainer_server.errors import InvalidCommit
     from rainer_server.errors import KeeperError
+    from rainer_server.errors import LostCompareAndSet
     from rainer_server.errors import PayloadDeserializationError
     from rainer_server.errors import PayloadRejected
     from rainer_server.errors import PayloadTooLarge
@@ -67,6 +68,7 @@ _EXPORTS = {
             "ExportLineInvalid",
             "InvalidCommit",
             "KeeperError",
+            "LostCompareAndSet",
             "PayloadDeserializationError",
             "PayloadRejected",
             "PayloadTooLarge",

@@ -37,6 +37,7 @@ MAX_KEY_BYTES = 255
 # C0 controls, DEL and C1 controls: they break headers, terminals and log lines.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _ASCII_DECIMAL = re.compile(r"[0-9]+\Z")
+_CANONICAL_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)\Z")
 # A version beyond a signed 32-bit int cannot be stored (the original used a Java Int).
 MAX_VERSION = 2**31 - 1
 
@@ -66,11 +67,24 @@ def validate_key(key: object) -> str:
 
 
 def parse_version(text: str) -> int | None:
-    """Parse a version as written in a URL or header: plain ASCII decimal digits only.
+    """Parse plain ASCII decimal digits, as in the wire format's header length (what a JVM
+    Rainer writes is read as leniently as before) and in answers read by the client.
 
     Returns ``None`` for anything else (``int()`` would accept ``"٣"``, ``" 3"`` or ``"+3"``).
     """
     if not _ASCII_DECIMAL.match(text):
+        return None
+    return int(text)
+
+
+def parse_canonical_version(text: str) -> int | None:
+    """Parse a version as a request names it (URL, ``X-Rainer-Version``): ASCII decimal
+    digits without leading zeros, so each version has exactly one spelling (``"01"`` is not
+    ``1``; ``"0"`` itself is canonical).
+
+    Returns ``None`` for anything else.
+    """
+    if not _CANONICAL_DECIMAL.match(text):
         return None
     return int(text)
 

@@ -87,8 +87,26 @@ class ConcurrentCommitError(RainerError):
         self.key = key
 
 
+class LostCompareAndSet(ConcurrentCommitError):
+    """Another writer changed the key's znodes between the keeper's read and its write.
+
+    Unlike a refusal, deciding again on fresh reads may succeed.
+    """
+
+
 class StorageUnavailable(RainerError):
-    """The system of record cannot be reached right now; retrying later may work."""
+    """The system of record cannot be reached right now; retrying later may work.
+
+    ``str()`` is safe to show a client; ``detail`` (the driver's reason, which may name hosts)
+    is for the log line of whoever handles the error.
+    """
+
+    def __init__(self, message: str = "Database unavailable", detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def __reduce__(self):  # keep pickling working with the keyword
+        return type(self), (str(self), self.detail)
 
 
 class KeeperError(RainerError):

@@ -402,3 +402,36 @@ def test_publish_then_check(zk_app, zk):
     assert Commit.deserialize(zk.get("/rainer/data/x")[0]).version == 5  # never rolled back
     # Admin commands work on the database: they never join the election nor open a mirror.
     assert app.extensions["rainer"].rainers is None
+
+
+@pytest.mark.zookeeper
+def test_publish_records_deletions_and_check_reports_a_head_they_block(zk_app, zk):
+    app = zk_app
+    storage = app.extensions["rainer"].database_storage
+    fill(storage, [make_commit("gone", 1), make_commit("gone", 2, None), make_commit("a", 1)])
+    first = invoke(app, "publish")
+    assert first.exit_code == 0, first.output
+    assert first.stdout.strip() == (
+        "1 created, 0 updated, 0 deleted, 1 unchanged, 0 refused, 0 failed"
+    )
+    # The tombstone of a key ZooKeeper never had is recorded all the same...
+    assert Commit.deserialize(zk.get("/rainer/deleted/gone")[0]) == storage.get("gone")
+    assert zk.exists("/rainer/data/gone") is None
+    assert invoke(app, "check").exit_code == 0
+    # ...and once recorded, the next publish leaves it alone.
+    _, before = zk.get("/rainer/deleted/gone")
+    assert "2 unchanged" in invoke(app, "publish").stdout
+    assert zk.get("/rainer/deleted/gone")[1].mzxid == before.mzxid
+
+    # A database restored from a backup older than a deletion: ZooKeeper refuses to bring the
+    # key back, and check says why the key is missing.
+    zk.delete("/rainer/data/a")
+    zk.create("/rainer/deleted/a", make_commit("a", 2, None).serialize())
+    drift = invoke(app, "check")
+    assert drift.exit_code == 1
+    assert drift.stdout.splitlines() == [
+        "deleted\ta\tZooKeeper records its deletion at version 2, the database has version 1"
+    ]
+    refused = invoke(app, "publish")
+    assert refused.exit_code == 1 and "Refused: a: Refusing to create commit a" in refused.stderr
+    assert zk.exists("/rainer/data/a") is None

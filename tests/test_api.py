@@ -5,9 +5,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from datetime import datetime
+from datetime import timezone
+from urllib.parse import quote
+from urllib.parse import unquote_to_bytes
 
 import pytest
 
+from rainer_server import Commit
 from rainer_server import MemoryCommitStorage
 from rainer_server import create_app
 from rainer_server.payloads import BytesPayloads
@@ -173,6 +178,71 @@ def test_keys_are_byte_for_byte(client):
     listing = client.get("/diary").get_json()
     assert sorted(listing) == sorted(["a", "A", "a ", "é", "e"])
     assert client.get("/diary/%C3%A9").data == b'{"i":3}'
+
+
+@pytest.mark.parametrize("raw", ["%FF", "%ED%A0%80", "%C3", "a%80b", "%C0%AF"])
+def test_keys_that_are_not_utf8_are_400_never_another_key(client, raw):
+    # Decoded with replacement, each of these would be a key with U+FFFD in it, which is a
+    # real key of its own: it must not be reachable under other bytes.
+    replaced = quote(unquote_to_bytes(raw).decode("utf-8", "replace"), safe="")
+    assert post(client, replaced, 1, b'{"other": "key"}').status_code == 200
+    for response in (
+        post(client, raw, 1),
+        post(client, raw, 2),
+        client.get(f"/diary/{raw}"),
+        client.get(f"/diary/{raw}/meta"),
+        client.get(f"/diary/{raw}/1"),
+        client.get(f"/diary/{raw}/1/meta"),
+        client.get(f"/diary/{raw}/history"),
+    ):
+        assert_error(response, 400, "Key must be valid UTF-8")
+    assert client.get(f"/diary/{replaced}/meta").get_json()["version"] == 1
+    assert len(client.get("/diary?all=yes").get_json()) == 1
+
+
+@pytest.mark.parametrize("version", ["01", "00", "007", "0001"])
+def test_versions_have_one_spelling(client, version):
+    post(client, "k", 1)
+    post(client, "k", 2)
+    for response in (
+        post(client, "k", version),
+        client.get(f"/diary/k/{version}"),
+        client.get(f"/diary/k/{version}/meta"),
+    ):
+        assert_error(response, 400, f"Invalid version '{version}'")
+    assert_error(
+        post(client, "k", 3, X_Rainer_Version="0" + "3"),
+        400,
+        "X-Rainer-Version must match URL version, or be omitted",
+    )
+    assert post(client, "k", 3, X_Rainer_Version="3").status_code == 200
+    # "0" is canonical and answers as before: never the next version, never stored.
+    assert post(client, "k", "0").status_code == 409
+    assert_error(client.get("/diary/k/0"), 404, "Key not found")
+
+
+def test_the_mirror_fast_path_never_answers_for_another_key(app):
+    from rainer_server.web.context import get_rainer
+
+    # A mirror holding the key U+FFFD (ZooKeeper refuses that name, but the fast path must
+    # not rely on it): %FF must not reach it, %EF%BF%BD must.
+    commit = Commit("\ufffd", 1, b'{"replacement": 1}', "a", "", datetime.now(timezone.utc))
+
+    class Complete:
+        current = {"\ufffd": commit}
+        initialized = True
+
+        def close(self) -> None:
+            pass
+
+    rainer = get_rainer(app)
+    rainer.mirror = Complete()  # type: ignore[assignment]
+    rainer.cached_view = lambda: Complete()  # type: ignore[method-assign]
+    client = app.test_client()
+    hit = client.get("/diary/%EF%BF%BD")
+    assert hit.status_code == 200 and hit.headers["X-Rainer-Cached"] == "Yes"
+    for raw in ("%FF", "%ED%A0%80", "%EF%BF"):
+        assert_error(client.get(f"/diary/{raw}"), 400, "Key must be valid UTF-8")
 
 
 def test_payload_limit_is_413_and_saves_nothing(client, app):

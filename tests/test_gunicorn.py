@@ -224,3 +224,16 @@ def test_sqlite_takes_concurrent_writes_from_several_workers(tmp_path):
         assert len(json.loads(request(server.url)[2])) == 150
     finally:
         server.stop()
+
+
+def test_keys_that_are_not_utf8_are_400_over_http(live):
+    # gunicorn hands the path's raw bytes to the app (werkzeug's test client does not).
+    author = {"X-Rainer-Author": "a"}
+    assert request(f"{live.url}/%EF%BF%BD/1", data=b"{}", headers=author, method="POST")[0] == 200
+    for raw in ("%FF", "%ED%A0%80"):
+        status, _, body = request(f"{live.url}/{raw}/1", data=b"{}", headers=author, method="POST")
+        assert status == 400 and b"Key must be valid UTF-8" in body
+        status, _, body = request(f"{live.url}/{raw}")
+        assert status == 400 and b"Key must be valid UTF-8" in body
+    status, _, body = request(f"{live.url}/k/01", data=b"{}", headers=author, method="POST")
+    assert status == 400 and b"Invalid version '01'" in body

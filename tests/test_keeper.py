@@ -157,8 +157,12 @@ def test_newer_empty_commit_deletes(keeper, client):
     assert keeper.save(make_commit(version=2, payload=None)) is SaveResult.DELETED
     assert client.exists(keeper.znode("what")) is None
     assert keeper.heads() == {}
-    # Known limit of the original: with the znode gone, an older commit is accepted again.
-    assert keeper.save(make_commit(version=1)) is SaveResult.CREATED
+    # The original's known limit (with the znode gone, an older commit was accepted again)
+    # is gone: the deletion is recorded, and only a newer commit creates the key again.
+    with pytest.raises(ConcurrentCommitError):
+        keeper.save(make_commit(version=1))
+    assert client.exists(keeper.znode("what")) is None
+    assert keeper.save(make_commit(version=3)) is SaveResult.CREATED
 
 
 def test_equal_commit_is_a_no_op(keeper, client):

@@ -107,7 +107,7 @@ def test_fuzz_bounds(keeper, storage):
         AutoPublisher(keeper.client, keeper, storage, period=0)
 
 
-def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
+def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog, publishers):
     keeper.max_znode_bytes = 10_000
     save_history(
         storage,
@@ -133,6 +133,7 @@ def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
 
     with keeper.mirror() as mirror:
         publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
+        publishers.append(publisher)  # it opens a mirror of deleted/, closed with it
         with caplog.at_level(logging.WARNING, logger="rainer_server.zk.publisher"):
             counts = publisher.publish_all()
         assert (counts.created, counts.updated, counts.deleted) == (1, 2, 1)
@@ -159,9 +160,10 @@ def test_publish_all_handles_every_case_key_by_key(keeper, storage, zk, caplog):
         assert publisher.passes == 2 and publisher.last_counts is again
 
 
-def test_publish_all_without_a_mirror_still_works(keeper, storage):
+def test_publish_all_without_a_mirror_still_works(keeper, storage, publishers):
     save_history(storage, make_commit("a", 2))
     publisher = AutoPublisher(keeper.client, keeper, storage, mirror=None)
+    publishers.append(publisher)
     publisher._owns_mirror = False  # as if the mirror could not be opened
     counts = publisher.publish_all()
     assert counts.created == 1
@@ -340,7 +342,9 @@ def test_leader_session_expiry_stops_leading_then_rejoins_and_repairs(
     wait_until(lambda: keeper.get("a") == make_commit("a"), what="the repair after the new session")
 
 
-def test_ten_thousand_unchanged_keys_make_no_writes(client, keeper, storage, zk, record_property):
+def test_ten_thousand_unchanged_keys_make_no_writes(
+    client, keeper, storage, zk, record_property, publishers
+):
     count = 10_000
     commits = [make_commit(f"key-{i:05d}", 1, b'{"value":%d}' % i) for i in range(count)]
     for commit in commits:
@@ -363,6 +367,7 @@ def test_ten_thousand_unchanged_keys_make_no_writes(client, keeper, storage, zk,
         assert len(mirror.current) == count
         _, parent_before = zk.get(keeper.data_path)
         publisher = AutoPublisher(client, keeper, storage, mirror=mirror)
+        publishers.append(publisher)
         started = time.monotonic()
         counts = publisher.publish_all()
         seconds = time.monotonic() - started
@@ -416,3 +421,74 @@ def test_leader_whose_election_node_is_deleted_steps_down_and_rejoins(
         what="leadership with a new election node",
     )
     assert zk.get_children(keeper.election_path) != [node]
+
+
+# ---------------------------------------------------------------- an unusable database
+
+
+def failed_pass_lines(caplog) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "rainer_server.zk.publisher" and "Failed to publish commits" in r.message
+    ]
+
+
+def test_a_leader_without_its_database_logs_one_line_per_pass(keeper, publishers, caplog):
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    caplog.set_level(logging.DEBUG)
+    # Port 9 (discard) on loopback refuses at once.
+    unreachable = DbCommitStorage(open_database("mysql://root@127.0.0.1:9/rainer"))
+    publisher = AutoPublisher(
+        keeper.client, keeper, unreachable, period=0.05, fuzz=0.0, delay=False
+    )
+    publishers.append(publisher)
+    publisher.start()
+    wait_until(lambda: publisher.passes >= 3, what="three failed passes")
+    publisher.close()
+    lines = failed_pass_lines(caplog)
+    assert len(lines) == publisher.passes
+    assert all(r.levelno == logging.WARNING and "\n" not in r.getMessage() for r in lines)
+    assert "Database unavailable" in lines[0].getMessage()
+    # One line per pass in all: the storage leaves the reporting to the publisher.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == lines
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert "Traceback" not in caplog.text
+
+
+def test_a_leader_starts_its_storage_before_its_first_pass(keeper, publishers, caplog, tmp_path):
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    caplog.set_level(logging.DEBUG)
+    # A SQLite file whose table nobody created yet (the web app creates it on its first
+    # request), in a directory that does not exist yet either.
+    url = f"sqlite:///{tmp_path}/later/rainer.db"
+    storage = DbCommitStorage(open_database(url))
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=0.05, fuzz=0.0, delay=False)
+    publishers.append(publisher)
+    passes = []
+    publisher.pass_listeners.append(passes.append)
+    publisher.start()
+    wait_until(lambda: publisher.passes >= 2, what="two failed passes")
+    failed = len(failed_pass_lines(caplog))
+    assert failed >= 2 and "unable to open database file" in failed_pass_lines(caplog)[0].message
+
+    (tmp_path / "later").mkdir()
+    wait_until(
+        lambda: publisher.last_counts is not None and not publisher.last_counts.aborted,
+        what="a pass once the file can be made",
+    )
+    writer = DbCommitStorage(open_database(url))  # the table is there: the publisher made it
+    writer.save(make_commit("a"))
+    wait_until(lambda: keeper.get("a") == make_commit("a"), what="the commit to be published")
+    publisher.close()
+    writer.stop()
+    storage.stop()
+    lines = failed_pass_lines(caplog)
+    assert all(r.levelno == logging.WARNING for r in lines)
+    assert len(lines) == sum(1 for counts in passes if counts.aborted) >= 2
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == lines
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -519,8 +519,11 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
             ):
                 log.info("Database connection lost (%s); reconnecting", _one_line(exc))
                 continue
-            log.warning("%s: %s", UNAVAILABLE, _describe(exc))
-            raise StorageUnavailable(UNAVAILABLE) from exc
+            # Not a warning here: whoever catches the error reports it once, with the detail
+            # (the HTTP 503 handler, the readiness check, the publisher's pass, an admin
+            # command); a second line per failure from here only doubled an outage's noise.
+            log.debug("%s: %s", UNAVAILABLE, _describe(exc))
+            raise StorageUnavailable(UNAVAILABLE, detail=_describe(exc)) from exc
     raise AssertionError("unreachable")
 
 

@@ -57,7 +57,9 @@ class _AdminGroup(AppGroup):
         try:
             return super().invoke(ctx)
         except RainerError as exc:
-            raise click.ClickException(str(exc)) from None
+            # The operator's own terminal: the driver's reason helps and leaks nothing.
+            detail = getattr(exc, "detail", None)
+            raise click.ClickException(f"{exc}: {detail}" if detail else str(exc)) from None
 
 
 rainer_cli = _AdminGroup("rainer", help="Rainer admin commands.")
@@ -278,12 +280,14 @@ def publish() -> None:
         # Read ZooKeeper once (pipelined) so unchanged keys cost no round trip each.
         present = set(keeper.keys())
         published = keeper.heads()
+        deleted = keeper.deletions()
         with _progress(len(heads), "Publishing") as bar:
             publish_heads(
                 keeper,
                 {key: heads[key] for key in sorted(heads)},
                 counts,
                 published=published,
+                deleted=deleted,
                 unparseable=present - published.keys(),
                 on_problem=report,
                 on_key=lambda key: bar.update(1),
@@ -304,6 +308,7 @@ def check() -> None:
     with _keeper() as keeper:
         present = set(keeper.keys())
         published = keeper.heads()
+        deleted = keeper.deletions()
     drift = []
     for key in sorted(present | set(heads)):
         head = heads.get(key)
@@ -318,6 +323,16 @@ def check() -> None:
                 drift.append(
                     (key, "not deleted", f"{zk_version}, the database {head.version} (empty)")
                 )
+        elif znode is None and key in deleted and deleted[key].version >= head.version:
+            # The publisher refuses to create it (a database restored from an older backup?).
+            drift.append(
+                (
+                    key,
+                    "deleted",
+                    f"ZooKeeper records its deletion at version {deleted[key].version}, "
+                    f"the database has version {head.version}",
+                )
+            )
         elif znode is None:
             drift.append(
                 (key, "missing", f"the database has version {head.version}, ZooKeeper none")

@@ -21,6 +21,7 @@ from rainer_server.audit import escape_controls
 from rainer_server.commit import Commit
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import now
+from rainer_server.commit import parse_canonical_version
 from rainer_server.commit import parse_mtime
 from rainer_server.commit import parse_version
 from rainer_server.commit import validate_key
@@ -42,6 +43,7 @@ from rainer_server.web.auth import request_id
 from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import CACHED
+from rainer_server.web.middleware import path_is_utf8
 from rainer_server.web.middleware import payload_headers
 from rainer_server.web.middleware import prepared_headers
 
@@ -84,6 +86,10 @@ def _boolean(value: str | None, name: str, what: str = "parameter") -> bool:
 
 
 def _key(key: str) -> str:
+    # Werkzeug decodes the path with errors="replace": %FF, %ED%A0%80 and %EF%BF%BD would
+    # all name the key U+FFFD.
+    if not path_is_utf8(request.environ):
+        raise InvalidCommit("Key must be valid UTF-8")
     return validate_key(key)
 
 
@@ -94,9 +100,11 @@ def _may_read(key: str) -> str:
 
 
 def _version(text: str) -> int:
-    version = parse_version(text)
+    version = parse_canonical_version(text)
     if version is None:
-        raise InvalidCommit(f"Invalid version {text!r}: versions are positive decimal integers")
+        raise InvalidCommit(
+            f"Invalid version {text!r}: versions are decimal integers without leading zeros"
+        )
     return version
 
 
@@ -365,7 +373,7 @@ def post_commit(key: str, version: str) -> Response:
     if header_key is not None and header_key != key:
         raise InvalidCommit("X-Rainer-Key must match URL key, or be omitted")
     header_version = request.headers.get("X-Rainer-Version")
-    if header_version is not None and parse_version(header_version.strip()) != number:
+    if header_version is not None and parse_canonical_version(header_version.strip()) != number:
         raise InvalidCommit("X-Rainer-Version must match URL version, or be omitted")
     author = _request_header("X-Rainer-Author")
     mtime_header = request.headers.get("X-Rainer-Modified-Time")
@@ -488,6 +496,7 @@ def _invalid(exc: InvalidCommit) -> Response:
 
 @bp.errorhandler(StorageUnavailable)
 def _unavailable(exc: StorageUnavailable) -> Response:
+    log.warning("%s %s: %s: %s", request.method, request.path, exc, exc.detail or "no detail")
     response = _error(503, str(exc))
     response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response

@@ -63,7 +63,10 @@ def readyz() -> Response:
 def _check_database(rainer: Any) -> str:
     try:
         rainer.database_storage.get(READY_PROBE_KEY)
-    except RainerError as exc:  # StorageUnavailable: already logged by the storage
+    except RainerError as exc:  # StorageUnavailable
+        log.warning(
+            "Readiness check of the database failed: %s", getattr(exc, "detail", None) or exc
+        )
         return f"unavailable: {exc}"
     except Exception as exc:
         log.warning("Readiness check of the database failed: %r", exc)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Flask
 
@@ -25,6 +27,34 @@ CACHED = {"X-Rainer-Cached": "Yes"}
 #: Where MirrorReads leaves the route label for the request metrics around it.
 ROUTE_ENVIRON_KEY = "rainer.route"
 _UNMATCHED = "<unmatched>"
+
+
+def path_is_utf8(environ: Mapping[str, Any]) -> bool:
+    """Whether the request's path, in the bytes the client sent, is valid UTF-8.
+
+    In a Rainer path only the key can be anything but ASCII, so this is "the key's bytes are
+    UTF-8". WSGI hands those bytes over as a latin-1 ``PATH_INFO`` (gunicorn does), but some
+    servers percent-decode with ``errors="replace"`` first (werkzeug's, and its test client),
+    so the request line (``RAW_URI``/``REQUEST_URI``) is checked too when it has escapes.
+    """
+    try:
+        environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:
+        pass  # a server that decoded the path itself: only the request line can tell
+    except UnicodeDecodeError:
+        return False
+    return _request_line_is_utf8(environ)
+
+
+def _request_line_is_utf8(environ: Mapping[str, Any]) -> bool:
+    uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    if "%" not in uri:  # nothing was decoded: PATH_INFO holds the bytes
+        return True
+    try:
+        unquote_to_bytes(uri.partition("?")[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def payload_headers(commit: Commit) -> list[tuple[str, str]]:
@@ -82,12 +112,20 @@ class MirrorReads:
         ):
             view = self.rainer.cached_view()
             if view is not None:
-                # As werkzeug decodes a WSGI path; a key in the mirror is a valid key.
-                key = path[len(self.prefix) :].encode("latin-1").decode("utf-8", "replace")
-                commit = view.current.get(key)
+                # The path's bytes, strictly: replacing invalid UTF-8 with U+FFFD (as werkzeug
+                # does) would answer for another key. Flask answers those with a 400.
+                try:
+                    key: str | None = path[len(self.prefix) :].encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    key = None
+                commit = (
+                    view.current.get(key)
+                    if key is not None and _request_line_is_utf8(environ)
+                    else None
+                )
                 gate = self.rainer.gate
                 if commit is not None and (
-                    not gate.enabled or gate.may_read(gate.caller(environ), key)
+                    not gate.enabled or gate.may_read(gate.caller(environ), key)  # type: ignore[arg-type]
                 ):
                     # A caller who may not read it gets Flask's view, which refuses (401/403)
                     # and audits the refusal.

@@ -3,6 +3,13 @@
 ZooKeeper is a cache of the system of record, never the record itself: every write here is a
 compare-and-set on the znode's stat version, so a slow or stale writer can lose a race but can
 never roll a key back. Layout and parsing: ``zk.znode``; live views: ``zk.mirror``.
+
+Deletes stay deleted: a tombstone that removes ``data/<key>`` records itself in
+``deleted/<key>`` in the same multi-op transaction, and ``data/<key>`` is only ever created in
+a transaction that checks that record. So a writer holding an older commit (a publish pass
+that read its heads before the tombstone, a write queued in kazoo during an outage) cannot
+bring the key back, not even for a moment. The original had no such record (its documented
+limit); its readers only read ``data/`` and never see ``deleted/``.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooClient
@@ -18,6 +26,8 @@ from kazoo.exceptions import BadVersionError
 from kazoo.exceptions import KazooException
 from kazoo.exceptions import NodeExistsError
 from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import RolledBackError
+from kazoo.exceptions import RuntimeInconsistency
 from kazoo.retry import KazooRetry
 
 from rainer_server.commit import Commit
@@ -25,6 +35,7 @@ from rainer_server.errors import CommitTooLarge
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
+from rainer_server.errors import LostCompareAndSet
 from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.znode import describe_size
@@ -80,10 +91,11 @@ class CommitKeeper:
     """ZooKeeper storage and notification of each key's most current commit.
 
     Not a ``CommitStorage``: it keeps no history, and empty or unparseable commits are not
-    kept at all.
+    kept in ``data/`` (a deleted key's tombstone is recorded under ``deleted/``).
 
     :param client: a kazoo client; the keeper neither starts nor stops it.
-    :param base_path: the keeper's root (``/rainer``); ``data/`` and ``election/`` live below.
+    :param base_path: the keeper's root (``/rainer``); ``data/``, ``deleted/`` and
+        ``election/`` live below.
     :param timeout: the longest one call waits on ZooKeeper, in seconds.
     :param max_znode_bytes: commits that serialize larger than this are refused.
     :param deserialization: how the commits it reads, and its mirrors', make their ``value``.
@@ -102,6 +114,7 @@ class CommitKeeper:
         self.deserialization = deserialization
         self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else "/"
         self.data_path = join(self.base_path, "data")
+        self.deleted_path = join(self.base_path, "deleted")
         self.election_path = join(self.base_path, "election")
         self.timeout = timeout
         self.max_znode_bytes = max_znode_bytes
@@ -115,6 +128,10 @@ class CommitKeeper:
     def znode(self, key: str) -> str:
         """The path of ``key``'s znode."""
         return join(self.data_path, key)
+
+    def deleted_znode(self, key: str) -> str:
+        """The path of ``key``'s deletion record (present while ``key`` is deleted)."""
+        return join(self.deleted_path, key)
 
     # ------------------------------------------------------------------ reads
 
@@ -143,11 +160,34 @@ class CommitKeeper:
         Unlike ``get``, an unparseable znode is logged and left out (as the mirror does), so one
         corrupt key cannot hide all the others.
         """
-        keys = self.keys()
+        return self._read_all(self.data_path, self.znode, self.keys())
+
+    def get_deletion(self, key: str) -> Commit | None:
+        """The tombstone recorded for ``key`` while it is deleted, or ``None``.
+
+        :raises InvalidCommit: when the record exists but does not parse.
+        :raises KeeperError: when ZooKeeper cannot be reached in time.
+        """
+        deadline = self._start()
+        data, _stat = self._read_znode(self.deleted_znode(key), deadline)
+        return None if data is None else parse_znode(key, data)
+
+    def deletions(self) -> dict[str, Commit]:
+        """A point-in-time map key -> recorded tombstone of every deleted key."""
+        deadline = self._start()
+        try:
+            children = self.wait_for(self.client.get_children_async(self.deleted_path), deadline)
+        except NoNodeError:
+            return {}
+        return self._read_all(self.deleted_path, self.deleted_znode, sorted(children))
+
+    def _read_all(
+        self, parent: str, path_of: Callable[[str], str], keys: list[str]
+    ) -> dict[str, Commit]:
         # Pipelined: every read is in flight at once, so 10k keys cost one round trip plus
         # kazoo's per-request overhead rather than 10k round trips.
-        pending = [(key, self.client.get_async(self.znode(key))) for key in keys]
-        heads: dict[str, Commit] = {}
+        pending = [(key, self.client.get_async(path_of(key))) for key in keys]
+        commits: dict[str, Commit] = {}
         for key, result in pending:
             try:
                 # A deadline per answer, not per call: 10k answers may take longer than one
@@ -156,10 +196,16 @@ class CommitKeeper:
             except NoNodeError:
                 continue  # deleted since it was listed
             try:
-                heads[key] = parse_znode(key, data, self.deserialization)
+                commits[key] = parse_znode(key, data, self.deserialization)
             except InvalidCommit as exc:
-                log.error("Commit with bad serialization: %s: %s, data = %s", key, exc, describe_size(data))
-        return heads
+                log.error(
+                    "Commit with bad serialization: %s: %s, data = %s (under %s)",
+                    key,
+                    exc,
+                    describe_size(data),
+                    parent,
+                )
+        return commits
 
     def mirror(self, timeout: float | None = 30.0, wait: bool = True) -> CommitMirror:
         """Open a live view of every znode under ``data/``, complete when returned.
@@ -170,45 +216,52 @@ class CommitKeeper:
         :param wait: ``False`` returns at once; ``initialized`` then tells when it is complete.
         :raises KeeperError: when the view is not complete in time (the mirror is closed).
         """
-        mirror = CommitMirror(self)
+        return self._open_mirror(CommitMirror(self), timeout, wait)
+
+    def deletions_mirror(self, timeout: float | None = 30.0, wait: bool = True) -> CommitMirror:
+        """Open a live view of the deletion records under ``deleted/`` (key -> tombstone).
+
+        What the elected publisher compares tombstones with, as it compares commits with a
+        ``mirror()``. Same parameters and errors as ``mirror()``.
+        """
+        mirror = CommitMirror(_DeletionRecords(self), noun="Deletion")
+        return self._open_mirror(mirror, timeout, wait)
+
+    @staticmethod
+    def _open_mirror(mirror: CommitMirror, timeout: float | None, wait: bool) -> CommitMirror:
         mirror.start()
         if wait and not mirror.wait_initialized(timeout):
             mirror.close()
-            raise KeeperError(f"Mirror of {self.data_path} not initialized within {timeout} s")
+            raise KeeperError(f"Mirror of {mirror.data_path} not initialized within {timeout} s")
         return mirror
 
     # ------------------------------------------------------------------ writes
 
     def save(self, commit: Commit) -> SaveResult:
-        """Publish ``commit`` to its znode according to spec §5's table.
+        """Publish ``commit`` to its znode according to spec §5's table, keeping deletes.
 
         Never rolls a key back: a commit whose version is not above the znode's (and which is
-        not the very same commit) is refused.
+        not the very same commit) is refused. Beyond the original: while ``deleted/<key>``
+        records a tombstone, a commit of the same or an older version is refused too, and a
+        tombstone of a key without a znode is still recorded (the result is then
+        ``UNCHANGED``: ``data/`` did not change).
 
-        :raises ConcurrentCommitError: on a refused rollback or a lost compare-and-set.
+        One round trip to read (the znode and its deletion record, pipelined), one to write.
+
+        :raises ConcurrentCommitError: on a refused rollback, and as ``LostCompareAndSet`` on
+            a lost compare-and-set (trying again decides anew).
         :raises KeeperError: when ZooKeeper cannot be reached in time, or the commit is too big.
         :raises InvalidCommit: when ZooKeeper refuses the key as a znode name.
         """
         key = commit.key
         path = self.znode(key)
         deadline = self._start()
+        record = _Record(self, key, self.client.get_async(self.deleted_znode(key)))
         data, stat = self._read_znode(path, deadline)
+        record.wait(deadline)
 
         if data is None:
-            if commit.empty:
-                log.debug(
-                    "No need to create empty commit %s (version[%s] znode[%s])",
-                    key,
-                    commit.version,
-                    path,
-                )
-                return SaveResult.UNCHANGED
-            payload = self._serialize(commit)
-            log.info("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
-            self._write(
-                self.client.create_async(path, payload, makepath=True), deadline, commit, None
-            )
-            return SaveResult.CREATED
+            return self._save_absent(commit, record, deadline)
 
         try:
             existing: Commit | None = parse_znode(key, data)
@@ -223,8 +276,8 @@ class CommitKeeper:
                 path,
             )
             if commit.empty:
-                self._write(
-                    self.client.delete_async(path, version=stat.version), deadline, commit, None
+                self._transact(
+                    [("delete", path, stat.version), *record.keep(commit)], deadline, commit, None
                 )
                 return SaveResult.DELETED
             payload = self._serialize(commit)
@@ -235,8 +288,8 @@ class CommitKeeper:
 
         if commit.empty and commit.version > existing.version:
             log.info("Removing commit[%s] (znode[%s])", key, path)
-            self._write(
-                self.client.delete_async(path, version=stat.version), deadline, commit, existing
+            self._transact(
+                [("delete", path, stat.version), *record.keep(commit)], deadline, commit, existing
             )
             return SaveResult.DELETED
         if commit == existing:
@@ -266,6 +319,48 @@ class CommitKeeper:
             % (key, existing.version, commit.version, path),
         )
 
+    def _save_absent(self, commit: Commit, record: _Record, deadline: float) -> SaveResult:
+        """``save`` when ``data/<key>`` is absent: create it, or record a deletion."""
+        key = commit.key
+        path = self.znode(key)
+        deleted = record.commit
+        if deleted is not None and deleted.version >= commit.version:
+            if commit.empty:
+                log.debug(
+                    "Deletion of commit %s already recorded (version[%s] znode[%s])",
+                    key,
+                    deleted.version,
+                    record.path,
+                )
+                return SaveResult.UNCHANGED
+            raise ConcurrentCommitError(
+                key,
+                "Refusing to create commit %s (version[%s] znode[%s]): deleted at version[%s]"
+                % (key, commit.version, path, deleted.version),
+            )
+        if commit.empty:
+            # Recorded even though there is nothing to delete: a writer holding an older commit
+            # (a pass that read its heads before this tombstone) must not create it later.
+            # The create-and-delete of the znode asserts, in the same transaction, that it is
+            # still absent: it would fail if such a writer had created it since our read.
+            log.info(
+                "Recording deletion of commit %s (version[%s] znode[%s])",
+                key,
+                commit.version,
+                record.path,
+            )
+            self._transact(
+                [("create", path, b""), ("delete", path, -1), *record.keep(commit)],
+                deadline,
+                commit,
+                None,
+            )
+            return SaveResult.UNCHANGED
+        payload = self._serialize(commit)
+        log.info("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
+        self._transact([*record.clear(), ("create", path, payload)], deadline, commit, None)
+        return SaveResult.CREATED
+
     # ------------------------------------------------------------------ plumbing
 
     def _start(self) -> float:
@@ -285,9 +380,7 @@ class CommitKeeper:
         except (NoNodeError, NodeExistsError, BadVersionError):
             raise  # the callers give these a meaning
         except BadArgumentsError as exc:
-            # ZooKeeper refuses some names our keys allow (e.g. U+E000-U+F8FF, U+FFF0-U+FFFF):
-            # a problem of that key, not of ZooKeeper.
-            raise InvalidCommit(f"ZooKeeper refuses this key or data: {exc!r}") from exc
+            raise _refused_name(exc) from exc
         except self.client.handler.timeout_exception as exc:
             raise KeeperError(f"ZooKeeper did not answer within {self.timeout} s") from exc
         except KazooException as exc:
@@ -313,18 +406,134 @@ class CommitKeeper:
         try:
             self.wait_for(result, deadline)
         except (BadVersionError, NodeExistsError, NoNodeError) as exc:
-            raise ConcurrentCommitError(
+            raise self._concurrent(commit, existing, exc) from exc
+
+    def _concurrent(
+        self, commit: Commit, existing: Commit | None, exc: Exception
+    ) -> LostCompareAndSet:
+        return LostCompareAndSet(
+            commit.key,
+            "Concurrent modification when trying to update commit: %s "
+            "(from version[%s] to version[%s] znode[%s]): %r"
+            % (
                 commit.key,
-                "Concurrent modification when trying to update commit: %s "
-                "(from version[%s] to version[%s] znode[%s]): %r"
-                % (
-                    commit.key,
-                    "unknown" if existing is None else existing.version,
-                    commit.version,
-                    self.znode(commit.key),
-                    exc,
+                "unknown" if existing is None else existing.version,
+                commit.version,
+                self.znode(commit.key),
+                exc,
+            ),
+        )
+
+    def _transact(
+        self,
+        operations: list[tuple[Any, ...]],
+        deadline: float,
+        commit: Commit,
+        existing: Commit | None,
+    ) -> None:
+        """Apply ``operations`` (``(kind, path, *args)``, kind a kazoo transaction method) at once.
+
+        Every operation is conditional (a create, or a stat version), so retrying after a
+        missing parent, or a transaction that times out and still lands later, is harmless.
+        """
+        for attempt in (1, 2):
+            transaction = self.client.transaction()
+            for kind, path, *args in operations:
+                getattr(transaction, _OPERATIONS[kind])(path, *args)
+            results = self.wait_for(transaction.commit_async(), deadline)
+            failure = next(
+                (
+                    (kind, result)
+                    for (kind, *_), result in zip(operations, results, strict=False)
+                    if isinstance(result, Exception)
+                    and not isinstance(result, (RolledBackError, RuntimeInconsistency))
                 ),
-            ) from exc
+                None,
+            )
+            if failure is None:
+                return
+            kind, error = failure
+            if kind == "create" and isinstance(error, NoNodeError) and attempt == 1:
+                # Transactions cannot make parents: data/ or deleted/ does not exist yet (a
+                # fresh ZooKeeper, an operator's deleteall). Create both, then try again.
+                for parent in (self.data_path, self.deleted_path):
+                    self.wait_for(self.client.ensure_path_async(parent), deadline)
+                continue
+            if isinstance(error, (BadVersionError, NodeExistsError, NoNodeError)):
+                raise self._concurrent(commit, existing, error) from error
+            if isinstance(error, BadArgumentsError):
+                raise _refused_name(error) from error
+            raise KeeperError(f"ZooKeeper error: {error!r}") from error
+        raise KeeperError(f"Cannot create {self.data_path} and {self.deleted_path}")
+
+
+class _Record:
+    """A key's deletion record (``deleted/<key>``) as ``save`` read it, and the transaction
+    operations that keep it right."""
+
+    def __init__(self, keeper: CommitKeeper, key: str, result: Any) -> None:
+        self.keeper = keeper
+        self.key = key
+        self.path = keeper.deleted_znode(key)
+        self._result = result
+        self.data: bytes | None = None
+        self.stat: Any = None
+        #: The recorded tombstone; ``None`` when there is no record or it does not parse.
+        self.commit: Commit | None = None
+
+    def wait(self, deadline: float) -> None:
+        try:
+            self.data, self.stat = self.keeper.wait_for(self._result, deadline)
+        except NoNodeError:
+            return
+        try:
+            self.commit = parse_znode(self.key, self.data)
+        except InvalidCommit as exc:
+            # Only someone else writes such a thing: it is replaced or removed as a corrupt
+            # znode of data/ would be.
+            log.warning(
+                "Ignoring corrupt deletion record %s: %s, data = %s",
+                self.path,
+                exc,
+                describe_size(self.data),
+            )
+
+    def keep(self, tombstone: Commit) -> list[tuple[Any, ...]]:
+        """Operations recording ``tombstone``, unless a newer one is recorded already."""
+        if self.data is None:
+            return [("create", self.path, self.keeper._serialize(tombstone))]
+        if self.commit is not None and self.commit.version >= tombstone.version:
+            return [("check", self.path, self.stat.version)]
+        return [("set", self.path, self.keeper._serialize(tombstone), self.stat.version)]
+
+    def clear(self) -> list[tuple[Any, ...]]:
+        """Operations removing the record, or asserting that there is none (a create and a
+        delete: ZooKeeper has no "check absent")."""
+        if self.data is None:
+            return [("create", self.path, b""), ("delete", self.path, -1)]
+        return [("delete", self.path, self.stat.version)]
+
+
+class _DeletionRecords:
+    """The keeper seen as a ``ZnodeSource`` of ``deleted/``, for a mirror of the records."""
+
+    def __init__(self, keeper: CommitKeeper) -> None:
+        self.client = keeper.client
+        self.data_path = keeper.deleted_path
+        self.timeout = keeper.timeout
+        self.znode = keeper.deleted_znode
+        self.wait_for = keeper.wait_for
+        # Tombstones carry no payload: nothing to deserialize.
+        self.deserialization = None
+
+
+_OPERATIONS = {"create": "create", "delete": "delete", "set": "set_data", "check": "check"}
+
+
+def _refused_name(exc: Exception) -> InvalidCommit:
+    # ZooKeeper refuses some names our keys allow (e.g. U+E000-U+F8FF, U+FFF0-U+FFFF): a
+    # problem of that key, not of ZooKeeper.
+    return InvalidCommit(f"ZooKeeper refuses this key or data: {exc!r}")
 
 
 __all__ = [

@@ -183,12 +183,17 @@ class CommitMirror:
     which only parses and swaps in-memory state). Each change replaces ``current`` with a new
     read-only mapping, so a reader holding one mapping sees a consistent snapshot, and
     notifies subscribers. After a session loss (watches gone) every key is read again.
+
+    The same machinery mirrors ``deleted/`` (``keeper.deletions_mirror()``): its source then
+    names that path, and ``noun`` ("Deletion") what its log lines talk about.
     """
 
-    def __init__(self, keeper: ZnodeSource) -> None:
+    def __init__(self, keeper: ZnodeSource, noun: str = "Commit") -> None:
         self.keeper = keeper
         self.client = keeper.client
         self.data_path = keeper.data_path
+        # What one znode is, in log lines: "Commit" under data/, "Deletion" under deleted/.
+        self.noun = noun
         self._lock = threading.RLock()
         # A persistent map: a change makes a new one in O(log n), sharing the rest, so the
         # view handed to readers is never copied (a dict copy of 100k keys per change made
@@ -438,7 +443,7 @@ class CommitMirror:
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
                     changed = True
-                    log.info("Commit removed: %s", key)
+                    log.info("%s removed: %s", self.noun, key)
                 if self._awaiting is not None:
                     self._awaiting.discard(key)
             first = self._awaiting is None
@@ -469,7 +474,7 @@ class CommitMirror:
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
                     changed = True
-                    log.info("Commit removed: %s", key)
+                    log.info("%s removed: %s", self.noun, key)
             else:
                 try:
                     # The payload is not deserialized here (kazoo's thread, every change):
@@ -478,7 +483,8 @@ class CommitMirror:
                 except InvalidCommit as exc:
                     self._unparseable.add(key)
                     log.error(
-                        "Commit %s with bad serialization: %s: %s, data = %s",
+                        "%s %s with bad serialization: %s: %s, data = %s",
+                        self.noun,
                         "added" if key not in self._commits else "updated",
                         key,
                         exc,
@@ -495,7 +501,8 @@ class CommitMirror:
                         changed = True
                         if self.initialized:
                             log.info(
-                                "Commit %s: %s: %s",
+                                "%s %s: %s: %s",
+                                self.noun,
                                 "added" if previous is None else "updated",
                                 key,
                                 commit,

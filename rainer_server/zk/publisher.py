@@ -87,6 +87,7 @@ def publish_heads(
     counts: PublishCounts,
     *,
     published: Mapping[str, Commit] | None = None,
+    deleted: Mapping[str, Commit] | None = None,
     unparseable: AbstractSet[str] = frozenset(),
     may_write: Callable[[], bool] = lambda: True,
     on_problem: Callable[[str, str, Exception], object] | None = None,
@@ -101,6 +102,13 @@ def publish_heads(
 
     :param published: what ZooKeeper is known to hold (a mirror's view, or ``keeper.heads()``);
         keys it already shows are skipped without a round trip. ``None``: read every znode.
+    :param deleted: the deletions ZooKeeper is known to record (a ``deletions_mirror()``'s
+        view, or ``keeper.deletions()``). A tombstone is skipped only when ``published`` lacks
+        its key *and* this records it (or a newer one): a key merely absent from ``data/`` may
+        never have had its deletion recorded (after an outage, on a first publish, after an
+        upgrade), and then a writer holding an older commit could still create it.
+        ``None``: every tombstone absent from ``published`` is saved (a read, and the record
+        when it is missing).
     :param unparseable: keys whose znode exists but does not parse; always written.
     :param may_write: checked before each write; when false the pass stops (``aborted``).
     :param on_problem: called with ``(key, "refused" or "failed", error)`` for each such key.
@@ -113,7 +121,9 @@ def publish_heads(
         if published is not None and key not in unparseable:
             # A mirror may lag a little; a write it hides is made on the next pass.
             known = published.get(key)
-            if known == commit or (known is None and commit.empty):
+            if known == commit or (
+                known is None and commit.empty and _recorded(deleted, key, commit.version)
+            ):
                 counts.unchanged += 1
                 continue
         if not may_write():
@@ -153,6 +163,22 @@ def publish_heads(
             on_problem(key, outcome, error)
 
 
+def _recorded(deleted: Mapping[str, Commit] | None, key: str, version: int) -> bool:
+    """Whether ``deleted`` shows ``key``'s deletion at ``version`` or later."""
+    if deleted is None:
+        return False
+    record = deleted.get(key)
+    return record is not None and record.version >= version
+
+
+def _one_line(exc: Exception) -> str:
+    # Our own errors say what happened; anything else also needs its type to be found.
+    # A storage's detail (the driver's reason) is for the log, where this goes.
+    detail = getattr(exc, "detail", None)
+    text = " ".join((f"{exc}: {detail}" if detail else str(exc)).split())
+    return text if isinstance(exc, RainerError) and text else f"{type(exc).__name__}: {text}"
+
+
 class AutoPublisher:
     """Publish every head of ``storage`` to ``keeper`` while leading the election.
 
@@ -167,6 +193,8 @@ class AutoPublisher:
     :param identifier: this contender's name; defaults to ``"<hostname>:<pid>"``.
     :param mirror: a mirror of ``keeper`` to compare against (not closed by the publisher);
         by default the publisher opens its own on first use and closes it in ``close()``.
+        Either way it opens a ``deletions_mirror()`` on its first pass (tombstones are
+        compared with that) and closes it in ``close()``.
     :param clock: monotonic seconds; injectable for tests.
     :param sleep: when given, waits between passes call it (in slices of at most 0.1 s) instead
         of waiting on an event; injectable for tests together with ``clock``.
@@ -209,6 +237,8 @@ class AutoPublisher:
         self._rng = rng
         self._mirror = mirror
         self._owns_mirror = mirror is None
+        self._deletions: CommitMirror | None = None
+        self._storage_started = False
         self._election = client.Election(self.election_path, self.identifier)
         # Guards the connection bookkeeping below; the state listener takes it only briefly.
         self._cond = threading.Condition()
@@ -280,6 +310,9 @@ class AutoPublisher:
         if self._owns_mirror and self._mirror is not None:
             self._mirror.close()
             self._mirror = None
+        if self._deletions is not None:
+            self._deletions.close()
+            self._deletions = None
 
     stop = close
 
@@ -295,7 +328,8 @@ class AutoPublisher:
     def publish_all(self, may_write: Callable[[], bool] | None = None) -> PublishCounts:
         """Publish every head of the storage once; return what happened to each key.
 
-        Keys whose commit the mirror already shows are skipped without touching ZooKeeper, so an
+        Keys whose commit the mirror already shows, and tombstones whose deletion the
+        deletions mirror already shows, are skipped without touching ZooKeeper, so an
         unchanged pass makes no writes. A key the keeper refuses is logged and skipped.
 
         :param may_write: checked before each write; when it turns false the pass stops
@@ -307,13 +341,20 @@ class AutoPublisher:
             started = self._clock()
             counts = PublishCounts()
             try:
+                if not self._storage_started:
+                    # The web app starts the storage on its first request, which may come
+                    # after this pass (a fresh SQLite file has no table until then).
+                    self.storage.start()
+                    self._storage_started = True
                 heads = self.storage.heads()
                 mirror = self._get_mirror(fence)
+                deletions = self._get_deletions(fence)
                 publish_heads(
                     self.keeper,
                     heads,
                     counts,
                     published=mirror.current if mirror is not None else None,
+                    deleted=deletions.current if deletions is not None else None,
                     unparseable=mirror.unparseable if mirror is not None else frozenset(),
                     may_write=fence,
                 )
@@ -360,14 +401,23 @@ class AutoPublisher:
             if not self._owns_mirror:
                 return None
             self._mirror = self.keeper.mirror(wait=False)
-        mirror = self._mirror
+        return self._initialized(self._mirror, fence)
+
+    def _get_deletions(self, fence: Callable[[], bool]) -> CommitMirror | None:
+        """The mirror of deletion records, opened on first use, or ``None`` to read each one."""
+        if self._deletions is None:
+            self._deletions = self.keeper.deletions_mirror(wait=False)
+        return self._initialized(self._deletions, fence)
+
+    @staticmethod
+    def _initialized(mirror: CommitMirror, fence: Callable[[], bool]) -> CommitMirror | None:
+        # A leader only waits while still allowed to write, so losing ZooKeeper meanwhile
+        # cannot wedge it.
         deadline = time.monotonic() + _MIRROR_WAIT
         while not mirror.wait_initialized(_SLEEP_SLICE):
             if not fence() or time.monotonic() > deadline:
                 # Still correct without it, only slower: keeper.save reads each znode first.
-                log.warning(
-                    "Publishing without a mirror of %s (not initialized)", self.keeper.data_path
-                )
+                log.warning("Publishing without a mirror of %s (not initialized)", mirror.data_path)
                 return None
         return mirror
 
@@ -437,9 +487,15 @@ class AutoPublisher:
                     break
                 try:
                     self.publish_all(lambda: self._may_lead(term))
-                except Exception:
-                    # The storage may be down; stay leader and try again next period.
-                    log.exception("Failed to publish commits!")
+                except Exception as exc:
+                    # The storage may be down or its table missing: stay leader and try again
+                    # next period, with one line per pass (a traceback every 90 s of an outage
+                    # would bury everything else in the log).
+                    log.warning(
+                        "Failed to publish commits to %s (will try again next period): %s",
+                        self.keeper.data_path,
+                        _one_line(exc),
+                    )
         finally:
             self._leading = False
             self._notify(self.leader_listeners, False)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from rainer_server.commit import Commit
 from rainer_server.errors import ConcurrentCommitError
+from rainer_server.errors import LostCompareAndSet
 from rainer_server.errors import RainerError
 from rainer_server.storage import CommitStorage
 from rainer_server.storage import with_post_save_hook
 from rainer_server.zk.keeper import CommitKeeper
 
 log = logging.getLogger(__name__)
+
+#: How many times a save that lost a compare-and-set is tried in all.
+_ATTEMPTS = 3
 
 
 class KeeperPublisher:
@@ -30,7 +34,7 @@ class KeeperPublisher:
 
     def __call__(self, commit: Commit) -> None:
         try:
-            self.keeper.save(commit)
+            self._save(commit)
         except ConcurrentCommitError as exc:
             log.warning("Failed to publish commit, will try again soon: %s: %s", commit.key, exc)
         except RainerError as exc:  # KeeperError (unreachable, too big), a key ZK refuses
@@ -45,6 +49,19 @@ class KeeperPublisher:
             # Still swallowed: the commit is saved, and an error here would tell the client
             # otherwise.
             log.exception("Failed to publish commit %s (version[%s])", commit.key, commit.version)
+
+    def _save(self, commit: Commit) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                self.keeper.save(commit)
+                return
+            except LostCompareAndSet:
+                # Another writer of this key got in between our read and our write, e.g. a
+                # publish pass holding a commit older than this one. This commit was the
+                # newest a moment ago: decided again on fresh reads, it lands now instead of
+                # a period later (a lost tombstone would leave that older commit visible).
+                if attempt == _ATTEMPTS:
+                    raise
 
     def __repr__(self) -> str:
         return f"KeeperPublisher({self.keeper!r})"

@@ -2,6 +2,8 @@
 become a commit.
 
     <base>/data/<key>     the key's latest non-empty commit, in the wire format of spec §2
+    <base>/deleted/<key>  while the key is deleted: its tombstone, in the same wire format
+                          (ours only; the original neither reads nor writes it)
     <base>/election/      kazoo/Curator leader election of the auto-publishers
 """
 

@@ -236,8 +236,9 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
         # Empty; on the publisher's client, as in gunicorn. What keeper.mirror() does, with the
         # children callback counted (instrumentation only).
         mirror = counted_mirror(CommitMirror(keeper))
+        # Not started: no election.
+        publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
         try:
-            publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)  # not started: no election
             started = time.perf_counter()
             counts = publisher.publish_all()
             out["pass_a_s"] = time.perf_counter() - started
@@ -258,6 +259,7 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
             log(f"publisher pass (b), unchanged: {out['pass_b_s'] * 1000:.0f} ms, {counts} "
                 f"(storage.heads() alone {out['heads_s'] * 1000:.0f} ms)")
         finally:
+            publisher.close()  # and the mirror of deleted/ it opened
             mirror.close()
         started = time.perf_counter()
         heads_zk = keeper.heads()
