@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from rainer_server.client import HttpCommitStorage
     from rainer_server.client import RainerClient
     from rainer_server.commit import Commit
+    from rainer_server.errors import AccessDenied
+    from rainer_server.errors import AuthenticationRequired
+    from rainer_server.errors import RainerBadRequest
+    from rainer_server.errors import RainerConnectionError
+    from rainer_server.errors import RainerForbidden
+    from rainer_server.errors import RainerHTTPError
+    from rainer_server.errors import RainerUnauthorized
+    from rainer_server.errors import RainerUnavailable
     from rainer_server.errors import CommitNotFound
     from rainer_server.errors import CommitOrderingError
     from rainer_server.errors import CommitTooLarge
@@ -63,6 +71,8 @@ _EXPORTS = {
             "CommitNotFound",
             "CommitOrderingError",
             "CommitTooLarge",
+            "AccessDenied",
+            "AuthenticationRequired",
             "ConcurrentCommitError",
             "ConfigurationError",
             "ExportLineInvalid",
@@ -74,6 +84,12 @@ _EXPORTS = {
             "PayloadTooLarge",
             "RainerError",
             "StorageUnavailable",
+            "RainerHTTPError",
+            "RainerBadRequest",
+            "RainerUnauthorized",
+            "RainerForbidden",
+            "RainerUnavailable",
+            "RainerConnectionError",
         ),
         "rainer_server.errors",
     ),

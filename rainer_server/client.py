@@ -29,13 +29,16 @@ from typing import Any
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
 from rainer_server.commit import parse_version
-from rainer_server.errors import AccessDenied
-from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import RainerError
-from rainer_server.errors import StorageUnavailable
+from rainer_server.errors import RainerBadRequest
+from rainer_server.errors import RainerConnectionError
+from rainer_server.errors import RainerForbidden
+from rainer_server.errors import RainerHTTPError
+from rainer_server.errors import RainerUnauthorized
+from rainer_server.errors import RainerUnavailable
 from rainer_server.headers import HEADER_ENCODING
 from rainer_server.headers import TEXT_HEADERS
 from rainer_server.headers import decode_text_header
@@ -66,49 +69,6 @@ MAX_HISTORY_PAGE = 1000
 _PATH_SAFE = "!$&'()*+,;=:@"
 _TRUE_WORDS = frozenset(("yes", "true", "1"))
 _ERROR_BODY_LIMIT = 300
-
-
-# ---------------------------------------------------------------------- errors
-
-
-class RainerHTTPError(RainerError):
-    """The server answered with an error status (other than a 409 conflict or a 404 key).
-
-    :ivar status: the HTTP status code.
-    :ivar message: the server's error message (its JSON ``error``, else the body's start).
-    :ivar url: the URL requested.
-    """
-
-    def __init__(self, status: int, message: str, url: str) -> None:
-        super().__init__(f"HTTP {status} from {url}: {message}")
-        self.status = status
-        self.message = message
-        self.url = url
-
-
-class RainerBadRequest(RainerHTTPError, InvalidCommit):
-    """400/413: the server refused the request as invalid (bad key, payload, header...)."""
-
-
-class RainerUnavailable(RainerHTTPError, StorageUnavailable):
-    """503: the server's storage is unreachable right now; retrying later may work."""
-
-
-class RainerUnauthorized(RainerHTTPError, AuthenticationRequired):
-    """401: no credentials where they are needed, or a wrong, expired or revoked token."""
-
-
-class RainerForbidden(RainerHTTPError, AccessDenied):
-    """403: the identity may not do this (read or write this key, set this author or time)."""
-
-
-class RainerConnectionError(RainerError, ConnectionError):
-    """The server could not be reached, or the connection broke before an answer."""
-
-    def __init__(self, url: str, reason: object) -> None:
-        super().__init__(f"Cannot reach Rainer at {url}: {reason}")
-        self.url = url
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------- commits

@@ -146,3 +146,54 @@ class AuthenticationRequired(RainerError):
 class AccessDenied(RainerError):
     """An identity the policy does not allow this (read or write this key, act as another
     author, set the time)."""
+
+
+# ---------------------------------------------------------------------- over HTTP
+# What RainerClient raises: each is also the domain error of its status, so callers catch one
+# set of types whether the storage is local or remote.
+
+
+class RainerHTTPError(RainerError):
+    """The server answered with an error status (other than a 409 conflict or a 404 key).
+
+    :ivar status: the HTTP status code.
+    :ivar message: the server's error message (its JSON ``error``, else the body's start).
+    :ivar url: the URL requested.
+    """
+
+    def __init__(self, status: int, message: str, url: str) -> None:
+        super().__init__(f"HTTP {status} from {url}: {message}")
+        self.status = status
+        self.message = message
+        self.url = url
+
+    def __reduce__(self):  # pickling with this signature, whatever the mixed-in class says
+        return type(self), (self.status, self.message, self.url)
+
+
+class RainerBadRequest(RainerHTTPError, InvalidCommit):
+    """400/413: the server refused the request as invalid (bad key, payload, header...)."""
+
+
+class RainerUnavailable(RainerHTTPError, StorageUnavailable):
+    """503: the server's storage is unreachable right now; retrying later may work."""
+
+
+class RainerUnauthorized(RainerHTTPError, AuthenticationRequired):
+    """401: no credentials where they are needed, or a wrong, expired or revoked token."""
+
+
+class RainerForbidden(RainerHTTPError, AccessDenied):
+    """403: the identity may not do this (read or write this key, set this author or time)."""
+
+
+class RainerConnectionError(RainerError, ConnectionError):
+    """The server could not be reached, or the connection broke before an answer."""
+
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"Cannot reach Rainer at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.url, self.reason)
