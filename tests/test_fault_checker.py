@@ -64,7 +64,8 @@ def test_an_unacknowledged_commit_in_the_journal_is_not_an_error():
 
 
 def test_duplicates_gaps_and_two_heads():
-    entries = [write("k", 1, b"a", 1.0, 1.1, client="w0"), write("k", 1, b"b", 1.0, 1.2, client="w1")]
+    entries = [write("k", 1, b"a", 1.0, 1.1, client="w0"),
+               write("k", 1, b"b", 1.0, 1.2, client="w1")]
     journal = [row("k", 1, b"a"), row("k", 1, b"b", head=True),
                row("g", 1, b"x"), row("g", 3, b"z", head=True),
                row("h", 1, b"x", head=True), row("h", 2, b"y", head=True)]
@@ -88,12 +89,21 @@ def test_resurrected_deletes_at_the_end_and_during_the_run():
     assert r.drift == [{"k": "k", "state": "not deleted", "journal": 2, "znode": 1}]
 
 
-def test_a_rolled_back_znode_is_a_rollback_not_a_resurrection():
-    entries = [write("k", 1, b"a", 1.0, 1.1), write("k", 2, b"b", 2.0, 2.1)]
-    journal = [row("k", 1, b"a"), row("k", 2, b"b", head=True)]
-    observations = [{"k": "k", "v": 1, "h": digest(b"a"), "mtime": 2.5, "mzxid": 9, "seen": 2.6}]
-    r = check("rollback", entries, journal, {"k": znode("k", 2, b"b")}, observations)
-    assert not r.resurrected and [item["znode"] for item in r.rollbacks] == [1]
+def test_stale_publishes_and_znode_rollbacks_are_not_resurrections():
+    entries = [write("k", 1, b"a", 1.0, 1.1), write("k", 2, b"b", 2.0, 2.1),
+               write("k", 3, b"c", 3.0, 3.1)]
+    journal = [row("k", 1, b"a"), row("k", 2, b"b"), row("k", 3, b"c", head=True)]
+    observations = [
+        # version 1 published after 2 was acknowledged: late, but forward
+        {"k": "k", "v": 1, "h": digest(b"a"), "mtime": 2.5, "mzxid": 9, "seen": 2.6},
+        {"k": "k", "v": 3, "h": digest(b"c"), "mtime": 3.05, "mzxid": 10, "seen": 3.2},
+        # and back to 2: a rollback, which compare-and-set must never allow
+        {"k": "k", "v": 2, "h": digest(b"b"), "mtime": 3.3, "mzxid": 11, "seen": 3.4},
+    ]
+    r = check("late", entries, journal, {"k": znode("k", 2, b"b")}, observations)
+    assert not r.resurrected
+    assert [item["znode"] for item in r.stale_publishes] == [1, 2]
+    assert [(item["from"], item["to"]) for item in r.znode_rollbacks] == [(3, 2)]
 
 
 def test_staleness_is_measured_from_the_oldest_newer_ack():
@@ -103,8 +113,8 @@ def test_staleness_is_measured_from_the_oldest_newer_ack():
                read("k", 3, 3.6, target="A"),
                read("k", 2, 3.7, target="B", client="r1"),  # stale since the ack of 3: 0.7 s
                read("k", 0, 0.5, target="B", client="r2", status=404)]  # before any ack
-    r = check("stale", entries, [row("k", 1, b"a"), row("k", 2, b"b"), row("k", 3, b"c", head=True)],
-              {"k": znode("k", 3, b"c")})
+    journal = [row("k", 1, b"a"), row("k", 2, b"b"), row("k", 3, b"c", head=True)]
+    r = check("stale", entries, journal, {"k": znode("k", 3, b"c")})
     assert r.stale_reads == 2
     assert r.max_staleness == pytest.approx(1.5)
     assert r.staleness_by_target == {"A": 1.5, "B": 0.7}
@@ -130,9 +140,11 @@ def test_drift_states():
 
 
 def test_convergence_gap_compares_heads_znodes_and_mirror_listings():
-    journal = [row("a", 1, b"x"), row("a", 2, b"y", head=True), row("d", 1, b"", head=True, empty=True)]
+    journal = [row("a", 1, b"x"), row("a", 2, b"y", head=True),
+               row("d", 1, b"", head=True, empty=True)]
     assert convergence_gap(journal, {"a": znode("a", 2, b"y")}, [{"a": 2}, {"a": 2}]) == []
-    assert convergence_gap(journal, {"a": znode("a", 1, b"x")}, [{"a": 2}]) == ["znodes differ on ['a']"]
+    assert convergence_gap(journal, {"a": znode("a", 1, b"x")}, [{"a": 2}]) == [
+        "znodes differ on ['a']"]
     assert convergence_gap(journal, {"a": znode("a", 2, b"y")}, [None, {"a": 2, "d": 1}]) == [
         "listing 0 not from the mirror", "listing 1 differs on ['d']"]
 

@@ -15,8 +15,11 @@ gaps
 resurrected deletes
     keys whose journal head is a tombstone but whose znode exists at the end; and znodes
     written (znode mtime) after a tombstone of a newer version had been acknowledged, seen by
-    a monitor polling ZooKeeper during the run. (A znode written after a newer *non-empty*
-    commit was acknowledged is a "znode rollback", listed beside them.)
+    a monitor polling ZooKeeper during the run: an old commit of a deleted key published again.
+    (A znode written after a newer *non-empty* commit was acknowledged is a "stale publish",
+    listed beside them: harmless until the next pass; and a znode seen going back to a lower
+    version without being deleted in between is a "znode rollback", which the keeper's
+    compare-and-set must make impossible.)
 version decreases
     a client read a key and later read an older version of it.
 max staleness
@@ -149,7 +152,8 @@ class Report:
     duplicated: list[dict] = dataclasses.field(default_factory=list)
     gaps: list[dict] = dataclasses.field(default_factory=list)
     resurrected: list[dict] = dataclasses.field(default_factory=list)
-    rollbacks: list[dict] = dataclasses.field(default_factory=list)
+    stale_publishes: list[dict] = dataclasses.field(default_factory=list)
+    znode_rollbacks: list[dict] = dataclasses.field(default_factory=list)
     decreases: list[dict] = dataclasses.field(default_factory=list)
     stale_reads: int = 0
     max_staleness: float = 0.0
@@ -174,7 +178,9 @@ class Report:
 
     def details(self, limit: int = 10) -> str:
         lines = [self.summary()]
-        for name in ("lost", "duplicated", "gaps", "resurrected", "rollbacks", "decreases", "drift"):
+        names = ("lost", "duplicated", "gaps", "resurrected", "stale_publishes",
+                 "znode_rollbacks", "decreases", "drift")
+        for name in names:
             items = getattr(self, name)
             if items:
                 lines.append(f"  {name} ({len(items)}):")
@@ -225,7 +231,8 @@ def check(scenario: str, entries: list[dict], journal: list[dict], znodes: dict[
         heads[key] = newest
         if versions != list(range(1, len(versions) + 1)) or flagged != [newest]:
             missing = sorted(set(range(1, versions[-1] + 1)) - set(versions))
-            report.gaps.append({"k": key, "missing": missing[:20], "heads": [r["v"] for r in flagged]})
+            report.gaps.append({"k": key, "missing": missing[:20],
+                                "heads": [r["v"] for r in flagged]})
 
     # -- drift and resurrected deletes at the end
     for key in sorted(set(heads) | set(znodes)):
@@ -259,19 +266,25 @@ def check(scenario: str, entries: list[dict], journal: list[dict], znodes: dict[
             acks_by_key[key].append((ack["t1"], version, ack["e"]))
     for key in acks_by_key:
         acks_by_key[key].sort()
-    seen_rollbacks = set()
+    seen = set()
+    previous: dict[str, int | None] = {}
     for obs in observations:
-        if obs.get("v") is None:
+        key, version = obs["k"], obs.get("v")
+        if version is not None and previous.get(key) is not None and version < previous[key]:
+            report.znode_rollbacks.append({"k": key, "from": previous[key], "to": version,
+                                           "written": obs["mtime"]})
+        previous[key] = version
+        if version is None:
             continue
-        newer = [(t, v, empty) for t, v, empty in acks_by_key.get(obs["k"], ())
-                 if v > obs["v"] and t < obs["mtime"]]
-        if not newer or (obs["k"], obs.get("mzxid")) in seen_rollbacks:
+        newer = [(t, v, empty) for t, v, empty in acks_by_key.get(key, ())
+                 if v > version and t < obs["mtime"]]
+        if not newer or (key, obs.get("mzxid")) in seen:
             continue
-        seen_rollbacks.add((obs["k"], obs.get("mzxid")))
+        seen.add((key, obs.get("mzxid")))
         t, v, empty = max(newer, key=lambda a: a[1])
-        item = {"k": obs["k"], "znode": obs["v"], "written": obs["mtime"], "newer_acked": v,
+        item = {"k": key, "znode": version, "written": obs["mtime"], "newer_acked": v,
                 "acked_at": t, "newer_is_tombstone": empty}
-        (report.resurrected if empty else report.rollbacks).append(item)
+        (report.resurrected if empty else report.stale_publishes).append(item)
 
     # -- reads: version decreases and staleness
     ack_times: dict[str, list[float]] = {}

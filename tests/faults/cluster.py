@@ -148,7 +148,8 @@ class ZooKeeperEnsemble:
         data = node.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         (data / "myid").write_text(f"{node.number}\n")
-        servers = [f"server.{n.number}=127.0.0.1:{n.peer_port}:{n.election_port}" for n in self.nodes]
+        servers = [f"server.{n.number}=127.0.0.1:{n.peer_port}:{n.election_port}"
+                   for n in self.nodes]
         config = node.dir / "zoo.cfg"
         config.write_text("\n".join([
             f"tickTime={self.tick_time}",
@@ -347,7 +348,8 @@ class MariaDb:
         result = subprocess.run(["mariadb", *self.client_args()], input=sql, capture_output=True,
                                 timeout=120)
         if result.returncode != 0:
-            raise ClusterError(f"loading into {self.name} failed: {result.stderr.decode(errors='replace')}")
+            raise ClusterError(
+                f"loading into {self.name} failed: {result.stderr.decode(errors='replace')}")
 
 
 # ---------------------------------------------------------------------- app hosts

@@ -36,7 +36,8 @@ ORDER = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "db
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tests/faults/run.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tests/faults/run.py",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short CI durations")
     parser.add_argument("--only", default="", help="comma-separated scenarios: " + ", ".join(ORDER))
     parser.add_argument("--out", type=Path, default=None, help="where tables and failed checks go")

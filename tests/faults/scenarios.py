@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -104,11 +103,16 @@ class Bench:
 
     def load(self, **kwargs) -> Load:
         kwargs.setdefault("write_target", self.nginx)
-        kwargs.setdefault("read_targets", [*(self.target(h) for h in self.cluster.hosts), self.nginx])
+        kwargs.setdefault("read_targets",
+                          [*(self.target(h) for h in self.cluster.hosts), self.nginx])
         return Load(self.prefix, history=self.history, **kwargs)
 
     def figure(self, name: str, value: str, target: str, ok: bool | None, cause: str = "") -> None:
         self.figures.append(Figure(self.scenario, name, value, target, ok, cause))
+
+    def n(self, count: int) -> int:
+        """``count`` acknowledged writes in a quick run, three times as many in a full one."""
+        return count if self.quick else 3 * count
 
     def wait_acks(self, count: int, timeout: float) -> None:
         if not self.history.wait_acks(count, timeout):
@@ -293,7 +297,7 @@ def zk_leader_killed(b: Bench) -> None:
     cluster = b.cluster
     ensemble = cluster.ensemble
     with b.load() as load:
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         before = b.probe()  # the probe key exists, and every mirror watches it
         leader = ensemble.leader()
         killed_at = time.time()
@@ -301,10 +305,10 @@ def zk_leader_killed(b: Bench) -> None:
         zk_back = b.wait(ensemble.serving, 30, since=killed_at)
         recovered = b.wait(lambda: all(b.ready(h) for h in cluster.hosts), 30, since=killed_at)
         visible = b.probe()
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         ensemble.start_node(leader)
         ensemble.wait_quorum(60)
-        b.wait_acks(30, 60)
+        b.wait_acks(b.n(30), 180)
     r = b.finish(load)
     writes = [e for e in b.history.entries if e["op"] == "write"]
     failed = [e for e in writes if e["s"] not in (200, 409)]
@@ -329,7 +333,7 @@ def quorum_lost(b: Bench) -> None:
     ensemble = cluster.ensemble
     outage = 8.0 if b.quick else 15.0
     with b.load() as load:
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         victims = [ensemble.leader()] + [n for n in ensemble.nodes
                                          if n.mode() == "follower"][:1]
         lost_at = time.time()
@@ -347,7 +351,7 @@ def quorum_lost(b: Bench) -> None:
         ensemble.wait_quorum(60)
         converged = b.wait_converged(cluster.period + 3 + 10)
         load.resume_writers()
-        b.wait_acks(30, 60)
+        b.wait_acks(b.n(30), 180)
     r = b.finish(load)
     during = [e for e in b.history.entries if lost_at <= e["t0"] < outage_end]
     writes = [e for e in during if e["op"] == "write"]
@@ -355,7 +359,8 @@ def quorum_lost(b: Bench) -> None:
     b.figure("writes while quorum is lost", f"{len(writes) - len(bad)} of {len(writes)} answered",
              "all 200 (or 409)", bool(writes) and not bad, _first(bad))
     status, body = answers[cluster.hosts[0].name]
-    says_since = status == 503 and "stale" in body and bool(re.search(r"\d{4}-\d\d-\d\dT|since", body))
+    says_since = (status == 503 and "stale" in body
+                  and bool(re.search(r"\d{4}-\d\d-\d\dT|since", body)))
     b.figure("/readyz says the mirror is stale, and since when",
              f"{status} after {seconds(noticed)}: {body.strip()}", "503, stale since <time>",
              says_since, "" if says_since else
@@ -403,7 +408,7 @@ def partition(b: Bench) -> None:
     other = next(h for h in cluster.hosts if h is not host)
     duration = 8.0 if b.quick else 15.0
     with b.load() as load:
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         cut_at = time.time()
         for proxy in cluster.zk_proxies[host.name]:
             proxy.partition()
@@ -417,7 +422,7 @@ def partition(b: Bench) -> None:
             proxy.heal()
         converged = b.wait_converged(cluster.period + 3 + 10)
         load.resume_writers()
-        b.wait_acks(30, 60)
+        b.wait_acks(b.n(30), 180)
     r = b.finish(load)
     status, body = answer
     says_stale = status == 503 and "stale" in body
@@ -427,9 +432,10 @@ def partition(b: Bench) -> None:
              "/readyz turns 503 for the ZooKeeper connection, but its mirror check stays 'ok'")
     stale_reads = [e for e in _stale_cached_reads(b, r, cut_at, healed_at) if e["t"] == host.name]
     unmarked = [e for e in stale_reads if not mark_of(e)]
+    oldest = max((e["stale_for"] for e in stale_reads), default=0.0)
     b.figure(f"host {host.name}: stale mirror reads during the partition",
              f"{len(stale_reads)}, {len(unmarked)} unmarked"
-             + (f", up to {max(e['stale_for'] for e in stale_reads):.1f} s old" if stale_reads else ""),
+             + (f", up to {oldest:.1f} s old" if stale_reads else ""),
              "0 unmarked", not unmarked, "" if not unmarked else
              "served with X-Rainer-Cached: Yes and no staleness mark")
     writes = [e for e in b.history.entries
@@ -462,15 +468,15 @@ def host_killed(b: Bench) -> None:
     post(b.nginx, stable, 1, b'{"stable": true}', "setup", b.history)
     znode = f"{cluster.zk_path}/data/{stable}"
     with b.load() as load:
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         killing = time.time()
         victim.kill9()
         killed_at = time.time()  # every process of the host is gone (reaped) by now
         moved = b.wait(lambda: cluster.publisher()[0] is survivor, 30, since=killing)
         cluster.admin().delete(znode)
         repaired = b.wait(lambda: cluster.admin().exists(znode), 30)
-        b.wait_acks(100, 60)
-    r = b.finish(load)
+        b.wait_acks(b.n(100), 180)
+    b.finish(load)
     entries = b.history.entries
     in_flight = [e for e in entries if e["t0"] < killed_at and e["t1"] >= killing
                  and e["t"] == "nginx" and e["s"] >= 500]
@@ -509,14 +515,15 @@ def worker_churn(b: Bench) -> None:
                 for host in cluster.hosts:
                     host.hup()
                     hups += 1
-            b.wait_acks(50, 60)
+            b.wait_acks(b.n(50), 180)
         r = b.finish(load)
     finally:
         for host in cluster.hosts:
             host.stop()
             host.start(cluster.gunicorn_args)
             host.wait_ready()
-    boots = sum(len(re.findall(rb"Booting worker with pid", _read_from(*b.logs[f"gunicorn-{h.name}.log"])))
+    boots = sum(len(re.findall(rb"Booting worker with pid",
+                               _read_from(*b.logs[f"gunicorn-{h.name}.log"])))
                 for h in cluster.hosts)
     b.figure("workers replaced (max_requests + HUP)", f"{boots} boots, {hups} HUPs", "info", None)
     b.figure("5xx", str(r.server_errors), "0", r.server_errors == 0, str(r.server_errors_by))
@@ -539,7 +546,7 @@ def database_moved(b: Bench) -> None:
     new.start()
     cluster.spare_dbs.append(new)
     with b.load() as load:
-        b.wait_acks(50, 60)
+        b.wait_acks(b.n(50), 180)
         switch_started = time.time()
         cluster.db_proxy.hold()
         new.load(cluster.db.dump(cluster.database))
@@ -548,17 +555,18 @@ def database_moved(b: Bench) -> None:
         switched = time.time()
         old, cluster.db = cluster.db, new
         old.stop()  # nothing may use the old primary any more
-        b.wait_acks(100, 60)
-    r = b.finish(load)
+        b.wait_acks(b.n(100), 180)
+    b.finish(load)
     entries = b.history.entries
     errors = [e for e in entries if e["s"] >= 500 or e["s"] == 0]
     first = min((e["t1"] for e in entries if e["op"] == "write" and e["s"] == 200
                  and e["t0"] >= switched), default=None)
     b.figure("5xx or no answer during the switchover", str(len(errors)), "0", not errors,
              _first(errors))
-    b.figure("switchover (writes held at the proxy)", seconds(switched - switch_started), "info", None)
-    b.figure("first acknowledged write after it", seconds(None if first is None else first - switched),
+    b.figure("switchover (writes held at the proxy)", seconds(switched - switch_started),
              "info", None)
+    b.figure("first acknowledged write after it",
+             seconds(None if first is None else first - switched), "info", None)
     b.invariants()
 
 
@@ -577,7 +585,7 @@ def _database_kill(b: Bench, control: bool) -> None:
     flush, every = db.execute(
         "SELECT @@innodb_flush_log_at_trx_commit, @@innodb_flush_log_at_timeout")[0]
     with b.load(write_pause=0.0, writers=6 if control else 4) as load:
-        b.wait_acks(150, 60)
+        b.wait_acks(b.n(150), 180)
         if control:
             # Kill at the end of a burst: the acks of the last few ms are in InnoDB's log
             # buffer, which =0 writes out once a second.
@@ -589,7 +597,7 @@ def _database_kill(b: Bench, control: bool) -> None:
         restarted = time.time()
         recovered = b.wait(lambda: any(e["op"] == "write" and e["s"] == 200 and e["t0"] >= restarted
                                        for e in b.history.entries), 60)
-        b.wait_acks(100, 60)
+        b.wait_acks(b.n(100), 180)
     r = b.finish(load, converge=0 if control else None)
     down = [e for e in b.history.entries if killed_at <= e["t0"] <= restarted]
     other = [e for e in down if e["s"] >= 500 and e["s"] != 503]
