@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(out / "cluster", ignore_errors=True)
-    text = (f"{table(outcomes)}\n\n{checker_table(outcomes)}\n\n"
+    text = (f"{table(outcomes, compact=True)}\n\n{checker_table(outcomes)}\n\n"
             f"{len(names)} scenarios in {(time.monotonic() - started) / 60:.1f} min\n")
-    (out / "table.md").write_text(text)
+    (out / "table.md").write_text(f"{text}\nEvery figure:\n\n{table(outcomes)}\n")
     print()
     print(text)
     print(f"[faults] written to {out / 'table.md'}")
