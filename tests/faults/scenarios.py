@@ -287,7 +287,8 @@ def racing_writers(b: Bench) -> None:
     conflicts = sum(1 for e in races if e["s"] == 409)
     b.figure("racing writers: versions won / 409s", f"{wins} / {conflicts}",
              "one 200 per version", not r.duplicated, _first(r.duplicated))
-    b.figure("5xx", str(r.server_errors), "0", r.server_errors == 0, str(r.server_errors_by))
+    b.figure("5xx", str(r.server_errors), "0", r.server_errors == 0,
+             str(r.server_errors_by) if r.server_errors else "")
     b.figure("max staleness of a mirror read", f"{r.max_staleness * 1000:.0f} ms", "<= 1000 ms",
              r.max_staleness <= 1.0, "")
     b.invariants()
@@ -528,7 +529,8 @@ def worker_churn(b: Bench) -> None:
                                _read_from(*b.logs[f"gunicorn-{h.name}.log"])))
                 for h in cluster.hosts)
     b.figure("workers replaced (max_requests + HUP)", f"{boots} boots, {hups} HUPs", "info", None)
-    b.figure("5xx", str(r.server_errors), "0", r.server_errors == 0, str(r.server_errors_by))
+    b.figure("5xx", str(r.server_errors), "0", r.server_errors == 0,
+             str(r.server_errors_by) if r.server_errors else "")
     b.figure("requests with no answer", str(r.no_answer), "0", r.no_answer == 0)
     b.invariants()
 
