@@ -22,6 +22,7 @@ from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.errors import CommitTooLarge
 from rainer_server.zk.keeper import SaveResult
 from rainer_server.zk.keeper import make_kazoo_client
+from tests.tcpproxy import TcpProxy
 from tests.zk_support import wait_until
 from tests.zk_support import expire_session
 from tests.zk_support import started_client
@@ -541,3 +542,39 @@ def test_a_key_zookeeper_refuses_is_an_invalid_commit(keeper, client):
     with pytest.raises(InvalidCommit):
         keeper.save(make_commit(key="a\ue000b"))
     assert client.connected
+
+
+def test_mirror_follows_existing_keys_after_a_connection_drop_that_keeps_the_session(zk_chroot):
+    # kazoo drops every watch when the connection drops (SUSPENDED), not only on session loss:
+    # a mirror that re-read only on session loss froze every existing key after a blip.
+    hosts, _, chroot = zk_chroot.partition("/")
+    host, _, port = hosts.split(",")[0].rpartition(":")
+    proxy = TcpProxy((host, int(port)))
+    client = make_kazoo_client(f"{proxy.address}/{chroot}", session_timeout=10)
+    other = make_kazoo_client(zk_chroot)
+    client.start(timeout=10)
+    other.start(timeout=10)
+    session_id = client.client_id[0]
+    states: list[str] = []
+    client.add_listener(states.append)
+    try:
+        keeper = CommitKeeper(client, "/blip")
+        writer = CommitKeeper(other, "/blip")
+        writer.save(make_commit(key="a"))
+        with keeper.mirror() as mirror:
+            assert mirror.current["a"].version == 1
+            proxy.cut()
+            wait_until(lambda: "SUSPENDED" in states, what="the connection to drop")
+            proxy.restore()
+            wait_until(lambda: client.connected, what="the reconnect")
+            assert client.client_id[0] == session_id  # the same session: no LOST
+            writer.save(make_commit(key="a", version=2))
+            wait_until(
+                lambda: mirror.current["a"].version == 2,
+                what="the existing key's change after the blip",
+            )
+    finally:
+        proxy.cut()
+        for c in (client, other):
+            c.stop()
+            c.close()

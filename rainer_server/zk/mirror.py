@@ -388,7 +388,8 @@ class CommitMirror:
 
     def _on_key_event(self, kw: _KeyWatch, event: Any) -> None:
         """A key's watch fired: read it again, which also leaves the next watch."""
-        # NONE: the session is gone (kazoo fires every watch); _on_state reads all keys again.
+        # NONE: the connection dropped and kazoo fired every watch to say they are gone;
+        # _on_state reads all keys again once connected.
         if not kw.retired and event.type != EventType.NONE:
             self._read_key(kw)
 
@@ -421,7 +422,10 @@ class CommitMirror:
 
     def _on_state(self, state: str) -> None:
         """Connection listener: after a reconnect, read what the outage may have hidden."""
-        if state == KazooState.LOST:
+        if state in (KazooState.LOST, KazooState.SUSPENDED):
+            # kazoo drops every watch when the connection drops, not only when the session
+            # expires (it resets its watchers on SUSPENDED and sends no SetWatches on the
+            # reconnect): every key must be read again, which leaves new watches.
             self._session_lost = True
         elif state == KazooState.CONNECTED and not self._closed:
             everything, self._session_lost = self._session_lost, False
