@@ -563,10 +563,13 @@ def test_mirror_follows_existing_keys_after_a_connection_drop_that_keeps_the_ses
         writer.save(make_commit(key="a"))
         with keeper.mirror() as mirror:
             assert mirror.current["a"].version == 1
+            assert mirror.stale_since is None
             proxy.cut()
             wait_until(lambda: "SUSPENDED" in states, what="the connection to drop")
+            assert mirror.stale_since is not None  # it cannot see changes now, and says so
             proxy.restore()
             wait_until(lambda: client.connected, what="the reconnect")
+            wait_until(lambda: mirror.stale_since is None, what="the mirror to follow again")
             assert client.client_id[0] == session_id  # the same session: no LOST
             writer.save(make_commit(key="a", version=2))
             wait_until(

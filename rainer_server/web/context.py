@@ -115,12 +115,16 @@ class RainerContext:
     # ------------------------------------------------------------------ ZooKeeper
 
     def cached_view(self) -> CommitMirror | None:
-        """This process's mirror when it is complete, for cached reads; else ``None``."""
+        """This process's mirror when it is complete and following ZooKeeper, for cached
+        reads; else ``None``, and reads go to the database: while ZooKeeper is out of reach
+        (a lost quorum, a partition) the mirror cannot see changes, the journal can."""
         if not self.settings.zk_hosts:
             return None
         self.start_zookeeper()
         mirror = self.mirror
-        return mirror if mirror is not None and mirror.initialized else None
+        if mirror is None or not mirror.initialized or mirror.stale_since is not None:
+            return None
+        return mirror
 
     def start_zookeeper(self) -> None:
         """Connect to ZooKeeper, open the mirror and join the publisher election.

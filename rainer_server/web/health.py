@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
+from datetime import timezone
 from typing import Any
 
 from flask import Blueprint
@@ -51,7 +53,10 @@ def readyz() -> Response:
             checks["zookeeper"] = "ok"
         else:
             checks["zookeeper"] = f"not connected ({client.state})"
-        if mirror is not None and mirror.initialized:
+        if mirror is not None and mirror.stale_since is not None:
+            since = datetime.fromtimestamp(mirror.stale_since, timezone.utc)
+            checks["mirror"] = "stale since " + since.isoformat(timespec="milliseconds")[:-6] + "Z"
+        elif mirror is not None and mirror.initialized:
             checks["mirror"] = "ok"
         else:
             checks["mirror"] = "not initialized"

@@ -204,6 +204,9 @@ class CommitMirror:
         self._current: Mapping[str, Commit] = _EMPTY_VIEW
         self._subscribers: list[Callable[[Mapping[str, Commit]], object]] = []
         self._session_lost = False
+        #: Unix time the connection to ZooKeeper dropped, until every key has been read
+        #: again after the reconnect; ``None`` while the view follows ZooKeeper.
+        self.stale_since: float | None = None
         self._children_thread: threading.Thread | None = None
         # Set by a children (or path-creation) watch, and by close() to wake the lister.
         self._children_changed = threading.Event()
@@ -380,6 +383,10 @@ class CommitMirror:
         for kw in keys:
             kw.stale = False
             self._read_key(kw)
+        # The reads are in flight on the live connection, queued ahead of any later change's
+        # notification: the view follows ZooKeeper again.
+        if self.client.connected:
+            self.stale_since = None
         if keys:
             log.info("Mirror of %s: reading %d keys again after reconnecting", self.data_path,
                      len(keys))
@@ -427,6 +434,8 @@ class CommitMirror:
             # expires (it resets its watchers on SUSPENDED and sends no SetWatches on the
             # reconnect): every key must be read again, which leaves new watches.
             self._session_lost = True
+            if self.stale_since is None:
+                self.stale_since = time.time()
         elif state == KazooState.CONNECTED and not self._closed:
             everything, self._session_lost = self._session_lost, False
             # Not on kazoo's thread: with 100k keys, issuing the reads takes a while.
