@@ -162,10 +162,13 @@ def ask_yes_no(question: str) -> bool:
 class Session:
     """What every command needs: the client, who is committing, how to print."""
 
-    def __init__(self, url: str | None, timeout: float, token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None, timeout: float, token: str | None = None, retry_for: float = 30.0
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.token = token
+        self.retry_for = retry_for
         self._client: RainerClient | None = None
         self.style = styler(colour_wanted(sys.stdout))
 
@@ -175,7 +178,9 @@ class Session:
             if not self.url:
                 raise click.UsageError("no server URL: pass --url or set RAINER_URL")
             try:
-                self._client = RainerClient(self.url, timeout=self.timeout, token=self.token)
+                self._client = RainerClient(
+                    self.url, timeout=self.timeout, token=self.token, retry_for=self.retry_for
+                )
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from None
         return self._client
@@ -293,13 +298,23 @@ OPTIONAL_VERSION = click.argument("version", type=click.IntRange(min=1), require
     help="Seconds to wait for the server.",
 )
 @click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long reads keep retrying while the server is unavailable (0: never).",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False, exists=True),
     metavar="PATH",
     help="A file holding your API token (else RAINER_TOKEN).",
 )
 @click.pass_context
-def rainer(ctx: click.Context, url: str | None, timeout: float, token_file: str | None) -> None:
+def rainer(
+    ctx: click.Context, url: str | None, timeout: float, retry_for: float, token_file: str | None
+) -> None:
     """Read and change configuration kept in a Rainer server.
 
     The author of commits is RAINER_AUTHOR, else (with a token) the identity the server sees,
@@ -309,7 +324,7 @@ def rainer(ctx: click.Context, url: str | None, timeout: float, token_file: str 
     if token_file is not None:
         with open(token_file, encoding="utf-8") as file:
             token = file.read().strip() or None
-    ctx.obj = Session(url, timeout, token)
+    ctx.obj = Session(url, timeout, token, retry_for)
 
 
 @rainer.command("list")

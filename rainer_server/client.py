@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import http.client
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -68,6 +70,11 @@ MAX_HISTORY_PAGE = 1000
 # in `rainer list`, and everything else ("?", "#", "%", spaces, non-ASCII) is percent-encoded.
 _PATH_SAFE = "!$&'()*+,;=:@"
 _TRUE_WORDS = frozenset(("yes", "true", "1"))
+#: How long a read keeps trying through a blip by default: a database failover or a
+#: gunicorn restart takes seconds, an outage longer than this should be seen.
+DEFAULT_RETRY_SECONDS = 30.0
+_FIRST_RETRY_DELAY = 0.2
+_MAX_RETRY_DELAY = 5.0
 _ERROR_BODY_LIMIT = 300
 
 
@@ -141,6 +148,9 @@ class RainerClient:
     :param timeout: seconds to wait for the connection and for each read.
     :param token: an API token (``flask rainer token create``), sent as ``Authorization:
         Bearer``; ``None`` reads and writes anonymously.
+    :param retry_for: how long a read keeps retrying through a blip (a 503, honouring its
+        ``Retry-After``, or a refused connection) before it raises; 0 turns retries off.
+        Writes are never retried.
     :param deserialization: makes the ``value`` of the commits it reads (``get_commit``,
         ``list_full``, ``history_full``...) typed, deserialized at first use; without one a
         ``value`` is the payload bytes, as pyrainer's. ``get_value`` is always the bytes.
@@ -158,6 +168,7 @@ class RainerClient:
         token: str | None = None,
         *,
         deserialization: KeyValueDeserialization | None = None,
+        retry_for: float = DEFAULT_RETRY_SECONDS,
     ) -> None:
         if not base_url:
             raise ValueError("base_url is required")
@@ -166,6 +177,9 @@ class RainerClient:
             raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.retry_for = retry_for
+        self._clock = time.monotonic
+        self._sleep = time.sleep
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.deserialization = deserialization
 
@@ -373,6 +387,41 @@ class RainerClient:
         key: str | None = None,
         version: int | None = None,
     ) -> tuple[int, Message, bytes]:
+        """One request; a read is retried through a blip (503, a refused connection).
+
+        Never a POST: whether it was stored is for the caller to find out, and the 409 rule
+        makes that safe (the same commit again is refused, never stored twice).
+        """
+        if method != "GET" or self.retry_for <= 0:
+            return self._request_once(method, url, data, headers, key, version)
+        deadline = self._clock() + self.retry_for
+        delay = _FIRST_RETRY_DELAY
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return self._request_once(method, url, data, headers, key, version)
+            except (RainerUnavailable, RainerConnectionError) as exc:
+                if isinstance(exc, RainerConnectionError) and not _refused(exc):
+                    raise  # a timeout or a reset mid-answer: not known to be a blip
+                # The server's Retry-After when it gave one, else backing off; never past
+                # the deadline, which is also where the waiting stops.
+                wait = exc.retry_after if getattr(exc, "retry_after", None) else delay
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise type(exc).retried(exc, tries, self.retry_for) from None
+                self._sleep(min(wait, remaining))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+    def _request_once(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        version: int | None = None,
+    ) -> tuple[int, Message, bytes]:
         request = urllib.request.Request(
             url, data=data, headers={**self._auth, **(headers or {})}, method=method
         )
@@ -386,7 +435,10 @@ class RainerClient:
                 body = b""
             finally:
                 exc.close()
-            raise self._http_error(exc.code, body, url, key, version) from None
+            error = self._http_error(exc.code, body, url, key, version)
+            if isinstance(error, RainerUnavailable):
+                error.retry_after = _retry_after(exc.headers.get("Retry-After"))
+            raise error from None
         except urllib.error.URLError as exc:
             raise RainerConnectionError(url, exc.reason) from None
         except TimeoutError:
@@ -433,6 +485,21 @@ class RainerClient:
         return RainerHTTPError(status, message, url)
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (the delta form; a date is not worth parsing)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), _MAX_RETRY_DELAY * 6)
+
+
+def _refused(exc: RainerConnectionError) -> bool:
+    """Whether the connection was refused (nothing listening yet): safe to try again."""
+    reason = exc.reason
+    return isinstance(reason, ConnectionRefusedError) or (
+        isinstance(reason, OSError) and reason.errno == errno.ECONNREFUSED
+    )
+
+
 def _snippet(body: bytes) -> str:
     text = " ".join(body[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").split())
     return text + " ..." if len(body) > _ERROR_BODY_LIMIT else text
@@ -461,9 +528,14 @@ class HttpCommitStorage:
         token: str | None = None,
         *,
         deserialization: KeyValueDeserialization | None = None,
+        retry_for: float = DEFAULT_RETRY_SECONDS,
     ) -> None:
         self.client = RainerClient(
-            base_url, timeout=timeout, token=token, deserialization=deserialization
+            base_url,
+            timeout=timeout,
+            token=token,
+            deserialization=deserialization,
+            retry_for=retry_for,
         )
 
     @property

@@ -170,6 +170,15 @@ class RainerHTTPError(RainerError):
     def __reduce__(self):  # pickling with this signature, whatever the mixed-in class says
         return type(self), (self.status, self.message, self.url)
 
+    #: Seconds the server asked to wait before trying again (``Retry-After``), if it did.
+    retry_after: float | None = None
+
+    @classmethod
+    def retried(cls, last: RainerHTTPError, tries: int, seconds: float) -> RainerHTTPError:
+        """``last``, saying that retrying did not help."""
+        return cls(last.status, f"{last.message} (gave up after {tries} tries in {seconds:g} s)",
+                   last.url)
+
 
 class RainerBadRequest(RainerHTTPError, InvalidCommit):
     """400/413: the server refused the request as invalid (bad key, payload, header...)."""
@@ -197,3 +206,9 @@ class RainerConnectionError(RainerError, ConnectionError):
 
     def __reduce__(self):
         return type(self), (self.url, self.reason)
+
+    @classmethod
+    def retried(cls, last: RainerConnectionError, tries: int, seconds: float) -> RainerConnectionError:
+        """``last``, saying that retrying did not help."""
+        error = cls(last.url, f"{last.reason} (gave up after {tries} tries in {seconds:g} s)")
+        return error

@@ -215,7 +215,8 @@ def test_url_comes_from_rainer_url_or_the_option(server, store):
 
 def test_network_and_http_errors_are_one_line(server, tmp_path):
     assert_one_line_error(
-        run_rainer("list", url="http://127.0.0.1:9/diary"),
+        # Reads retry a refused connection for --retry-for (30 s by default): not here.
+        run_rainer("--retry-for", "0", "list", url="http://127.0.0.1:9/diary"),
         "Cannot reach Rainer at http://127.0.0.1:9/diary",
     )
     assert_one_line_error(rainer(server, "show", "missing"), "Key not found: missing")

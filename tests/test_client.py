@@ -25,6 +25,8 @@ from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import StorageUnavailable
 from tests.live import live_server  # noqa: F401 (fixture)
+from tests.live import run_rainer
+from tests.live import sqlite_live_server  # noqa: F401 (fixture)
 from tests.live import start_live_server
 from tests.storage_contract import *  # noqa: F403 (the shared contract suite)
 from tests.storage_contract import T0
@@ -305,3 +307,90 @@ def test_pyrainer_and_our_client_agree_on_one_server(gunicorn):
     with pytest.raises(CommitOrderingError) as typed:
         ours.post_commit({"key": "svc", "version": 2, "author": "eve"}, "{}")
     assert typed.value.expected_version == 3
+
+
+# ---------------------------------------------------------------------- riding out a blip
+
+
+class _FakeTime:
+    """A clock that only moves when the client sleeps: retries without waiting for real."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def unavailable_server(tmp_path):
+    """A live server whose database refuses connections: every storage-bound answer is 503."""
+    from tests.zkserver import free_port
+
+    server = start_live_server({"RAINER_DATABASE_URL": f"mysql://root@127.0.0.1:{free_port()}/x"})
+    yield server
+    server.stop()
+
+
+def test_reads_retry_on_503_honouring_retry_after_then_give_up_in_one_line(unavailable_server):
+    client = RainerClient(unavailable_server.url, retry_for=12)
+    fake = _FakeTime()
+    client._clock, client._sleep = fake.clock, fake.sleep
+    with pytest.raises(RainerUnavailable) as info:
+        client.get_value("k")
+    # The server says Retry-After: 5; the last wait is cut to the 12 s budget.
+    assert fake.slept == [5.0, 5.0, 2.0]
+    assert "gave up after 4 tries in 12 s" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert sum(r.startswith("GET ") for r in unavailable_server.requests) == 4
+
+
+def test_writes_are_never_retried(unavailable_server):
+    client = RainerClient(unavailable_server.url, retry_for=12)
+    fake = _FakeTime()
+    client._clock, client._sleep = fake.clock, fake.sleep
+    with pytest.raises(RainerUnavailable):
+        client.post_commit({"key": "k", "version": 1, "author": "a"}, b"{}")
+    assert fake.slept == []
+    assert [r for r in unavailable_server.requests if r.startswith("POST ")] == ["POST /diary/k/1"]
+
+
+def test_reads_ride_out_a_refused_connection(sqlite_live_server):
+    from tests.tcpproxy import TcpProxy
+
+    host, port = sqlite_live_server.server.server_address[:2]
+    proxy = TcpProxy((host, port))
+    url = f"http://{proxy.address}/diary"
+    RainerClient(url).post_commit({"key": "k", "version": 1, "author": "a"}, b'{"n": 1}')
+    proxy.cut()  # the server "restarts": nothing listens on its port
+    client = RainerClient(url, retry_for=30)
+    tried = threading.Event()
+    real_sleep = client._sleep
+
+    def sleep(seconds: float) -> None:
+        tried.set()
+        real_sleep(min(seconds, 0.05))
+
+    client._sleep = sleep
+    answers: list[bytes] = []
+    reader = threading.Thread(target=lambda: answers.append(client.get_value("k")))
+    reader.start()
+    try:
+        assert tried.wait(10), "the read never retried"
+    finally:
+        proxy.restore()
+    reader.join(30)
+    assert answers == [b'{"n": 1}']
+    proxy.cut()
+
+
+def test_the_command_gives_up_in_one_line(unavailable_server):
+    result = run_rainer("--retry-for", "1", "show", "k", url=unavailable_server.url)
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "gave up after" in lines[0] and "Database unavailable" in lines[0]
