@@ -132,6 +132,50 @@ def test_a_pass_that_read_heads_before_a_tombstone_does_not_bring_the_key_back(k
         assert recorder.showed("what") == []
 
 
+class HeadsThenHook:
+    """Any storage whose ``heads()`` runs ``after_heads`` once, right after reading them."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+        self.after_heads: Callable[[], object] | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.storage, name)
+
+    def heads(self) -> dict[str, Commit]:
+        heads = self.storage.heads()
+        hook, self.after_heads = self.after_heads, None
+        if hook is not None:
+            hook()
+        return heads
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def test_a_pass_never_publishes_a_head_a_tombstone_replaced_while_zookeeper_never_heard(
+    kind, keeper, zk, tmp_path, request
+):
+    # The tombstone's writer cannot reach ZooKeeper (a partitioned host): only the database
+    # knows the key is deleted. The pass read the heads just before; it must publish what
+    # the database holds when it writes, not its snapshot.
+    from tests.conftest import make_storage
+
+    storage = HeadsThenHook(make_storage(kind, tmp_path, request))
+    storage.save(make_commit(version=1))
+    with keeper.mirror() as mirror:
+        recorder = ViewRecorder()
+        mirror.subscribe(recorder)
+        publisher = AutoPublisher(keeper.client, keeper, storage, mirror=mirror)
+        try:
+            storage.after_heads = lambda: storage.storage.save(tombstone(version=2))
+            counts = publisher.publish_all()
+            assert counts.created == 0 and counts.unchanged == 1  # recorded, data/ unchanged
+            assert zk.exists(keeper.znode("what")) is None
+            assert keeper.get_deletion("what") == tombstone(version=2)
+        finally:
+            publisher.close()
+        assert recorder.showed("what") == []
+
+
 # ---------------------------------------------------------------- the keeper's rules
 
 

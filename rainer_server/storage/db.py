@@ -12,6 +12,7 @@ peewee query costs more than a primary-key lookup on a warm MySQL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -265,6 +266,9 @@ class DbCommitStorage:
         self._is_sqlite = isinstance(database, peewee.SqliteDatabase)
         row = self._row
         heads = row.select(*self._fields).where(row.is_head == True)  # noqa: E712
+        _head_of_key = row.select(*self._fields).where(
+            (row.is_head == True) & (row.key == "k")  # noqa: E712
+        )
         # Parameters, in order: get_head (key), get_version (key, version), heads (-),
         # heads_non_empty (-), insert (the _INSERT_COLUMNS), retire_head (key, version).
         self._sql = {
@@ -280,6 +284,8 @@ class DbCommitStorage:
             "retire_head": _sql(row.update(is_head=False).where(
                 (row.is_head == True) & (row.key == "k") & (row.version == 1))),  # noqa: E712
             "chain_of": _sql(row.select(row.chain).where((row.key == "k") & (row.version == 1))),
+            # FOR UPDATE on MySQL; SQLite's BEGIN IMMEDIATE already holds every writer off.
+            "lock_head": _sql(_head_of_key.for_update(not self._is_sqlite)),
         }
         self._to_db_mtime = row.mtime.db_value
         self._from_db_mtime = row.mtime.python_value
@@ -387,6 +393,28 @@ class DbCommitStorage:
             sql, params = self._sql["heads_non_empty"], (True, False)
         rows = self._run(lambda: self.database.execute_sql(sql, params).fetchall())
         return {commit.key: commit for commit in map(self._to_commit, rows)}
+
+    @contextlib.contextmanager
+    def locked_head(self, key: str) -> Iterator[Commit | None]:
+        """The head of ``key`` as of now, its writers held off until the block ends.
+
+        The publisher writes a head to ZooKeeper inside this block: a commit that lands
+        meanwhile waits, so it is acknowledged only after the znode write, and its own
+        publish (or the next pass) comes after it. Without the lock, a pass could publish
+        the head it read a moment before a tombstone and bring the key back.
+
+        :raises StorageUnavailable: when the database cannot be reached.
+        """
+        self._run(lambda: None)  # connected, or reconnected once
+        try:
+            with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+                row = self.database.execute_sql(
+                    self._sql["lock_head"], (True, key.encode("utf-8"))
+                ).fetchone()
+                yield None if row is None else self._to_commit(row)
+        except (OperationalError, InterfaceError) as exc:
+            _discard_connection(self.database)
+            raise StorageUnavailable(UNAVAILABLE, detail=_describe(exc)) from exc
 
     # ------------------------------------------------------------------ writes
 

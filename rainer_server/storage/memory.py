@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 from rainer_server.commit import Commit
 from rainer_server.payloads import KeyValueDeserialization
@@ -18,7 +20,8 @@ class MemoryCommitStorage:
 
     def __init__(self, *, deserialization: KeyValueDeserialization | None = None) -> None:
         self.deserialization = deserialization
-        self._lock = threading.Lock()
+        # Reentrant: a caller holding locked_head may still read.
+        self._lock = threading.RLock()
         self._history: dict[str, list[Commit]] = {}
 
     def start(self) -> None:
@@ -54,6 +57,14 @@ class MemoryCommitStorage:
             commits = self._history.get(key, [])
             end = len(commits) if before is None else max(0, min(before - 1, len(commits)))
             return commits[max(0, end - limit) : end][::-1]
+
+    @contextlib.contextmanager
+    def locked_head(self, key: str) -> Iterator[Commit | None]:
+        """The head of ``key``, every writer held off until the block ends (see
+        ``DbCommitStorage.locked_head``)."""
+        with self._lock:
+            commits = self._history.get(key)
+            yield commits[-1] if commits else None
 
     def save(self, commit: Commit) -> None:
         # As a database would: what is read back has this storage's deserialization, whatever

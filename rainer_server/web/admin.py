@@ -291,6 +291,7 @@ def publish() -> None:
                 unparseable=present - published.keys(),
                 on_problem=report,
                 on_key=lambda key: bar.update(1),
+                lock_head=getattr(_storage(), "locked_head", None),
             )
     click.echo(
         f"{counts.created} created, {counts.updated} updated, {counts.deleted} deleted, "

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -34,8 +35,10 @@ from rainer_server.errors import CommitTooLarge
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import KeeperError
 from rainer_server.errors import RainerError
+from rainer_server.errors import StorageUnavailable
 from rainer_server.storage import CommitStorage
 from rainer_server.zk.keeper import CommitKeeper
+from rainer_server.zk.keeper import SaveResult
 from rainer_server.zk.mirror import CommitMirror
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ def publish_heads(
     may_write: Callable[[], bool] = lambda: True,
     on_problem: Callable[[str, str, Exception], object] | None = None,
     on_key: Callable[[str], object] | None = None,
+    lock_head: Callable[[str], AbstractContextManager[Commit | None]] | None = None,
 ) -> None:
     """Publish each of ``heads`` to ``keeper``, adding what happened to each key to ``counts``.
 
@@ -113,6 +117,10 @@ def publish_heads(
     :param may_write: checked before each write; when false the pass stops (``aborted``).
     :param on_problem: called with ``(key, "refused" or "failed", error)`` for each such key.
     :param on_key: called with each key before it is handled (progress).
+    :param lock_head: the storage's ``locked_head``: each write then publishes the key's head
+        as of that moment, with the key's writers held off until ZooKeeper has it. ``heads``
+        is a snapshot from the start of the pass; publishing it as is could bring back a key
+        deleted since (its tombstone acknowledged by a writer that cannot reach ZooKeeper).
     """
     failures_in_a_row = 0
     for key, commit in heads.items():
@@ -136,16 +144,16 @@ def publish_heads(
             log.warning("Stopped publishing commits: ZooKeeper keeps failing")
             return
         try:
-            result = keeper.save(commit)
+            result = _save(keeper, key, commit, lock_head)
         except ConcurrentCommitError as exc:
             outcome, error = "refused", exc
             log.warning("Failed to publish commit, will try again soon: %s: %s", key, exc)
         except CommitTooLarge as exc:
             outcome, error = "refused", exc
             log.error("Cannot publish commit %s: %s", key, exc)
-        except KeeperError as exc:
+        except (KeeperError, StorageUnavailable) as exc:
             outcome, error = "failed", exc
-            log.warning("Failed to publish commit %s: %s", key, exc)
+            log.warning("Failed to publish commit %s: %s", key, _one_line(exc))
         except RainerError as exc:
             outcome, error = "refused", exc
             log.warning("Failed to publish commit %s: %s", key, exc)
@@ -161,6 +169,18 @@ def publish_heads(
         failures_in_a_row = failures_in_a_row + 1 if outcome == "failed" else 0
         if on_problem is not None:
             on_problem(key, outcome, error)
+
+
+def _save(
+    keeper: CommitKeeper,
+    key: str,
+    commit: Commit,
+    lock_head: Callable[[str], AbstractContextManager[Commit | None]] | None,
+) -> SaveResult:
+    if lock_head is None:
+        return keeper.save(commit)
+    with lock_head(key) as head:
+        return keeper.save(commit if head is None else head)
 
 
 def _recorded(deleted: Mapping[str, Commit] | None, key: str, version: int) -> bool:
@@ -357,6 +377,7 @@ class AutoPublisher:
                     deleted=deletions.current if deletions is not None else None,
                     unparseable=mirror.unparseable if mirror is not None else frozenset(),
                     may_write=fence,
+                    lock_head=getattr(self.storage, "locked_head", None),
                 )
             except Exception as exc:
                 # E.g. the database is down: an aborted pass, which listeners (metrics) see too.
