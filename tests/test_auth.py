@@ -261,6 +261,7 @@ def test_every_route_under_every_identity_on_the_mirror_fast_path(zk_chroot, tmp
         rainer.start_zookeeper()
         wait_until(lambda: rainer.cached_view() is not None, what="the mirror")
         counts = run_matrix(app, mirror=True)
+        print(json.dumps(counts))
         assert counts["unauthorized_successes"] == 0 and counts["leaked_list_entries"] == 0
         assert counts["authorized_failures"] == 0
         assert counts["cached_reads"] > 0
