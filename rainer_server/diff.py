@@ -22,6 +22,9 @@ from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
+from rainer_server.commit import Commit
+from rainer_server.commit import format_mtime
+
 #: Lines of unchanged context around each change, as ``diff -u``.
 DEFAULT_CONTEXT = 3
 #: What diff(1) prints after a line that has no newline at the end of the file.
@@ -128,6 +131,18 @@ def _range(start: int, stop: int) -> str:
     return f"{begin},{length}"
 
 
+def side_name(key: str, commit: Commit | None) -> str:
+    """How a diff's header names one side: key, version, author and time (and whether it is
+    a tombstone); ``None`` is the nothing before version 1."""
+    if commit is None:
+        return f"{key} (nothing before version 1)"
+    deleted = " (deleted)" if commit.empty else ""
+    return (
+        f"{key} version {commit.version}{deleted} by {commit.author} "
+        f"at {format_mtime(commit.mtime)}"
+    )
+
+
 Style = Callable[..., str]
 
 
@@ -139,14 +154,18 @@ _MARKS = {CONTEXT: " ", REMOVED: "-", ADDED: "+"}
 
 
 def unified_text(
-    lines: Sequence[DiffLine], old_name: str, new_name: str, style: Style = _plain
+    lines: Sequence[DiffLine],
+    old_name: str,
+    new_name: str,
+    style: Style = _plain,
+    always_header: bool = False,
 ) -> str:
     """``lines`` as a unified diff with ``---``/``+++`` headers naming both sides.
 
     ``style(text, fg=..., bold=...)`` colours each line (``click.style`` on a terminal).
-    Returns ``""`` for no lines.
+    Returns ``""`` for no lines, unless ``always_header``: then the two header lines.
     """
-    if not lines:
+    if not lines and not always_header:
         return ""
     out = [style(f"--- {old_name}", bold=True), "\n", style(f"+++ {new_name}", bold=True), "\n"]
     for line in lines:
