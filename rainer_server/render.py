@@ -63,6 +63,25 @@ def unified_diff(
     return unified_text(diff_lines(old, new), old_name, new_name, style)
 
 
+def style_diff_text(text: str, style: Style) -> str:
+    """Colour a unified diff given as text (the server's ``GET /<key>/diff``) as
+    ``unified_diff`` colours its own."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\n")
+        end = line[len(body):]
+        if line.startswith(("--- ", "+++ ")):
+            body = style(body, bold=True)
+        elif line.startswith("@@"):
+            body = style(body, fg="cyan")
+        elif line.startswith("-"):
+            body = style(body, fg="red")
+        elif line.startswith("+"):
+            body = style(body, fg="green")
+        out.append(body + end)
+    return "".join(out)
+
+
 def render_log(commits: Iterable[Commit], style: Style = _plain) -> Iterator[str]:
     """``git log -p``-like text for commits given newest first (spec §6's ``log``).
 
