@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rainer_server.errors import CommitTooLarge
     from rainer_server.errors import ConcurrentCommitError
     from rainer_server.errors import ConfigurationError
+    from rainer_server.errors import CsrfRejected
     from rainer_server.errors import ExportLineInvalid
     from rainer_server.errors import InvalidCommit
     from rainer_server.errors import KeeperError
@@ -64,6 +65,7 @@ _EXPORTS = {
             "CommitTooLarge",
             "ConcurrentCommitError",
             "ConfigurationError",
+            "CsrfRejected",
             "ExportLineInvalid",
             "InvalidCommit",
             "KeeperError",

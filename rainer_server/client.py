@@ -381,7 +381,9 @@ class RainerClient:
             query["context"] = int(context)
         if as_json:
             query["format"] = "json"
-        url = self.commit_uri(key) + "/diff" + ("?" + urllib.parse.urlencode(query) if query else "")
+        url = self.commit_uri(key) + "/diff"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
         if as_json:
             return self._json("GET", url, key=key)
         return self._request("GET", url, key=key)[2].decode("utf-8", "replace")

@@ -128,3 +128,8 @@ class AuthenticationRequired(RainerError):
 class AccessDenied(RainerError):
     """An identity the policy does not allow this (read or write this key, act as another
     author, set the time)."""
+
+
+class CsrfRejected(RainerError):
+    """A web console form posted without this session's CSRF token: made elsewhere (a forged
+    cross-site post), or from a session that has ended. Nothing is changed."""

@@ -27,6 +27,7 @@ from rainer_server.errors import AccessDenied
 from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import CsrfRejected
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import PayloadRejected
 from rainer_server.errors import PayloadTooLarge
@@ -388,7 +389,9 @@ def _int_parameter(name: str, default: int, low: int, high: int) -> int:
         return default
     value = parse_version(text.strip())
     if value is None or not low <= value <= high:
-        raise InvalidCommit(f"Invalid '{name}' parameter (should be an integer from {low} to {high})")
+        raise InvalidCommit(
+            f"Invalid '{name}' parameter (should be an integer from {low} to {high})"
+        )
     return value
 
 
@@ -506,6 +509,12 @@ def _denied(exc: AccessDenied) -> Response:
 
 @bp.errorhandler(InvalidCommit)
 def _invalid(exc: InvalidCommit) -> Response:
+    return _error(400, str(exc))
+
+
+@bp.errorhandler(CsrfRejected)
+def _csrf_rejected(exc: CsrfRejected) -> Response:
+    # Raised by the console's forms, which answer with a page of their own; never an API call.
     return _error(400, str(exc))
 
 

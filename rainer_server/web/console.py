@@ -43,6 +43,8 @@ from flask import request
 from flask import url_for
 from itsdangerous import BadSignature
 from itsdangerous import URLSafeTimedSerializer
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound
 
 from rainer_server import __version__
 from rainer_server.access import token_digest
@@ -56,6 +58,7 @@ from rainer_server.errors import AccessDenied
 from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import CsrfRejected
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import PayloadRejected
 from rainer_server.errors import StorageUnavailable
@@ -84,8 +87,9 @@ HISTORY_PER_PAGE = 20
 #: Where a payload's parser says the trouble is: JSON's "line 3 column 5", YAML's "line 3,".
 _LINE_IN_REASON = re.compile(r"\bline (\d+)")
 
+# Named for Rainer: an embedding app may well have a "console" of its own.
 bp = Blueprint(
-    "console",
+    "rainer_console",
     __name__,
     template_folder="templates",
     static_folder="static/console",
@@ -227,8 +231,10 @@ def console_view(view: Callable[..., Any]) -> Callable[..., Response]:
             if request.method == "POST":
                 _check_csrf(session)
             response = _as_response(view(*args, **kwargs))
-        except _ConsoleError as exc:
-            response = _error_page(exc.status, exc.title, exc.message)
+        except HTTPException as exc:
+            response = _error_page(exc.code or 500, exc.name, exc.description or exc.name)
+        except CsrfRejected as exc:
+            response = _error_page(400, "Form refused", str(exc))
         except AuthenticationRequired as exc:
             response = _unauthenticated(exc)
         except AccessDenied as exc:
@@ -250,14 +256,6 @@ def console_view(view: Callable[..., Any]) -> Callable[..., Response]:
 ANONYMOUS_CALLER = Caller(None, None, None)
 
 
-class _ConsoleError(Exception):
-    def __init__(self, status: int, title: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.title = title
-        self.message = message
-
-
 def _as_response(value: Any) -> Response:
     if isinstance(value, Response):
         return value
@@ -270,7 +268,7 @@ def _as_response(value: Any) -> Response:
 def _secure_headers(response: Response) -> None:
     headers = response.headers
     # Pages show configuration, which often holds secrets: never kept by a cache.
-    if request.endpoint != "console.static":
+    if request.endpoint != "rainer_console.static":
         headers["Cache-Control"] = "no-store"
     headers["Content-Security-Policy"] = (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -286,18 +284,16 @@ def _check_csrf(session: ConsoleSession) -> None:
     if not given or not hmac.compare_digest(given.encode(), session.csrf.encode()):
         log.warning("Console form refused: CSRF token missing or wrong (%s %s)", request.method,
                     request.path)
-        raise _ConsoleError(
-            400,
-            "Form refused",
+        raise CsrfRejected(
             "This form did not come from this console, or your session ended (CSRF check "
-            "failed). Nothing was changed: go back, reload the page and try again.",
+            "failed). Nothing was changed: go back, reload the page and try again."
         )
 
 
 def _unauthenticated(exc: AuthenticationRequired) -> Response:
     page: Page = g.console
     if "token" in page.gate.modes and request.method == "GET":
-        return redirect(url_for("console.sign_in", next=request.full_path.rstrip("?")))
+        return redirect(url_for("rainer_console.sign_in", next=request.full_path.rstrip("?")))
     return _error_page(401, "Sign-in needed", str(exc))
 
 
@@ -364,7 +360,9 @@ def keys() -> Any:
         visible=visible,
     )
     # Counting what one may read would read every head: only without a policy to apply.
-    total = None if visible is not None else paged_heads(storage).heads_count(prefix, contains, deleted)
+    total = None
+    if visible is None:
+        total = paged_heads(storage).heads_count(prefix, contains, deleted)
     query = {"prefix": prefix, "q": contains, "deleted": "yes" if deleted else "", "limit": limit}
     query = {k: v for k, v in query.items() if v and (k != "limit" or v != KEYS_PER_PAGE)}
     return render_template(
@@ -593,7 +591,7 @@ def set_author() -> Any:
     page: Page = g.console
     _author(page)
     page.session.flash(f"Your changes are signed {page.session.author}.")
-    return redirect(_safe_next() or url_for("console.keys"), 303)
+    return redirect(_safe_next() or url_for("rainer_console.keys"), 303)
 
 
 @bp.get("/new")
@@ -669,6 +667,8 @@ def _error_line(error: Any) -> int | None:
 def _change(key: str) -> Any:
     """An edit's review (a dry run), its commit, or its return to the editor."""
     page: Page = g.console
+    # Read too: a review and a conflict show the key's payloads.
+    _readable(key)
     rainer = page.rainer
     base_version = _base_arg()
     storage = rainer.database_storage
@@ -702,7 +702,7 @@ def _change(key: str) -> Any:
         return render_template("console/edit.html", **context), 400
     if action == "commit":
         page.session.flash(f"Committed version {commit.version} of {key}.")
-        return redirect(url_for("console.key_page", key=key), 303)
+        return redirect(url_for("rainer_console.key_page", key=key), 303)
     lines = diff_lines(base.payload if base else None, payload)
     return render_template(
         "console/review.html",
@@ -755,7 +755,7 @@ def _conflict(key: str, base: Commit | None, yours: bytes, comment: str) -> Any:
 @console_view
 def revert(key: str) -> Any:
     page: Page = g.console
-    key = validate_key(key)
+    key = _readable(key)
     target = _version_arg("revert_to")
     version = _version_arg("next")
     if target is None or version is None:
@@ -773,12 +773,16 @@ def revert(key: str) -> Any:
             f"Nothing was changed: {key} is at version {exc.expected_version - 1} now, not "
             f"{version - 1} as on the page you used. Check the newest version, then try again."
         )
-        return redirect(url_for("console.key_page", key=key), 303)
+        return redirect(url_for("rainer_console.key_page", key=key), 303)
     if commit.empty:
-        page.session.flash(f"Deleted {key}: version {commit.version} is a tombstone, as version {target}.")
+        page.session.flash(
+            f"Deleted {key}: version {commit.version} is a tombstone, as version {target}."
+        )
     else:
-        page.session.flash(f"Version {commit.version} of {key} is version {target}'s payload again.")
-    return redirect(url_for("console.key_page", key=key), 303)
+        page.session.flash(
+            f"Version {commit.version} of {key} is version {target}'s payload again."
+        )
+    return redirect(url_for("rainer_console.key_page", key=key), 303)
 
 
 @bp.get("/keys/<key>/delete")
@@ -797,7 +801,7 @@ def delete(key: str) -> Any:
 @console_view
 def delete_post(key: str) -> Any:
     page: Page = g.console
-    key = validate_key(key)
+    key = _readable(key)
     version = _version_arg("next")
     if version is None:
         raise InvalidCommit("A delete needs the next version")
@@ -812,9 +816,11 @@ def delete_post(key: str) -> Any:
             f"Nothing was deleted: {key} is at version {exc.expected_version - 1} now, not "
             f"{version - 1}. Check the newest version, then try again."
         )
-        return redirect(url_for("console.key_page", key=key), 303)
-    page.session.flash(f"Deleted {key} (version {version}). Its history stays: restore it any time.")
-    return redirect(url_for("console.key_page", key=key), 303)
+        return redirect(url_for("rainer_console.key_page", key=key), 303)
+    page.session.flash(
+        f"Deleted {key} (version {version}). Its history stays: restore it any time."
+    )
+    return redirect(url_for("rainer_console.key_page", key=key), 303)
 
 
 # ---------------------------------------------------------------------- signing in
@@ -846,7 +852,7 @@ def sign_in_post() -> Any:
     # A new CSRF token with every sign-in: one seen before it proves nothing after it.
     session.csrf = secrets.token_urlsafe(32)
     session.flash(f"Signed in as {identity}.")
-    return redirect(_safe_next() or url_for("console.keys"), 303)
+    return redirect(_safe_next() or url_for("rainer_console.keys"), 303)
 
 
 @bp.post("/sign-out")
@@ -856,7 +862,7 @@ def sign_out() -> Any:
     session.token = None
     session.csrf = secrets.token_urlsafe(32)
     session.flash("Signed out.")
-    return redirect(url_for("console.keys"), 303)
+    return redirect(url_for("rainer_console.keys"), 303)
 
 
 def _safe_next() -> str | None:
@@ -864,7 +870,8 @@ def _safe_next() -> str | None:
     target = request.values.get("next") or ""
     parts = urlsplit(target)
     prefix = g.console.rainer.settings.ui_prefix
-    if parts.scheme or parts.netloc or not parts.path.startswith(prefix) or target.startswith("//"):
+    inside = parts.path == prefix or parts.path.startswith(prefix + "/")
+    if parts.scheme or parts.netloc or not inside or target.startswith("//"):
         return None
     return target
 
@@ -875,4 +882,4 @@ def _safe_next() -> str | None:
 @bp.route("/<path:rest>", methods=["GET", "POST"])
 @console_view
 def not_found(rest: str) -> Any:
-    raise _ConsoleError(404, "Not found", "There is no such page in the console.")
+    raise NotFound("There is no such page in the console.")
