@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rainer_server.errors import CommitTooLarge
     from rainer_server.errors import ConcurrentCommitError
     from rainer_server.errors import ConfigurationError
+    from rainer_server.errors import CsrfRejected
     from rainer_server.errors import ExportLineInvalid
     from rainer_server.errors import InvalidCommit
     from rainer_server.errors import KeeperError
@@ -75,6 +76,7 @@ _EXPORTS = {
             "AuthenticationRequired",
             "ConcurrentCommitError",
             "ConfigurationError",
+            "CsrfRejected",
             "ExportLineInvalid",
             "InvalidCommit",
             "KeeperError",

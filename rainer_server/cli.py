@@ -29,12 +29,6 @@ import yaml
 
 from rainer_server import __version__
 from rainer_server.client import RainerClient
-from rainer_server.render import colour_wanted
-from rainer_server.render import isatty
-from rainer_server.render import paged_output
-from rainer_server.render import render_log
-from rainer_server.render import styler
-from rainer_server.render import unified_diff
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
 from rainer_server.errors import AccessDenied
@@ -42,6 +36,14 @@ from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
 from rainer_server.errors import RainerError
+from rainer_server.merge import three_way_merge
+from rainer_server.render import colour_wanted
+from rainer_server.render import isatty
+from rainer_server.render import paged_output
+from rainer_server.render import render_log
+from rainer_server.render import style_diff_text
+from rainer_server.render import styler
+from rainer_server.render import unified_diff
 
 #: Header fields a prepared commit may carry (pyrainer writes author, comment and version).
 HEADER_FIELDS = frozenset(("author", "comment", "version", "empty", "mtime", "key"))
@@ -135,8 +137,16 @@ def _echo_meta(meta: Mapping[str, Any]) -> None:
     click.echo(json.dumps(meta, ensure_ascii=False))
 
 
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+_YES = ("y", "yes")
+_NO = ("n", "no")
+
+
 def ask_yes_no(question: str) -> bool:
-    """Ask until the answer is ``yes`` or ``no`` (pyrainer's prompt).
+    """Ask until the answer is yes or no (``y``/``n`` will do, in any case).
 
     :raises click.ClickException: when standard input ends without an answer.
     """
@@ -151,9 +161,9 @@ def ask_yes_no(question: str) -> bool:
         answer = line.strip()
         if not isatty(sys.stdin):  # a terminal echoes the answer; keep piped transcripts readable
             click.echo(answer)
-        if answer in ("yes", "no"):
-            return answer == "yes"
-        prompt = "Please type 'yes' or 'no': "
+        if answer.lower() in _YES + _NO:
+            return answer.lower() in _YES
+        prompt = "Please type 'yes' or 'no' (or y/n): "
 
 
 # ---------------------------------------------------------------------- the session
@@ -207,17 +217,30 @@ class Session:
             return 1
 
     def confirm_and_post(
-        self, key: str, old: Commit | None, meta: dict[str, Any], payload: bytes | None
+        self,
+        key: str,
+        old: Commit | None,
+        meta: dict[str, Any],
+        payload: bytes | None,
+        yes: bool = False,
+        checked: bool = False,
     ) -> str:
-        """Show the diff and ask, as pyrainer did; post on ``yes``.
+        """Dry-run the commit (every check the server makes, nothing written; unless the
+        caller did: ``checked``), show the diff, ask (unless ``yes``), then post.
 
         :returns: ``"posted"``, ``"unchanged"`` (nothing to post) or ``"declined"``.
+        :raises CommitOrderingError: from the dry run or the post, when someone else
+            committed first.
         """
         empty = bool(meta.get("empty"))
         new_payload = None if empty else payload or b""
         if _unchanged(old, empty, new_payload):
             click.echo("No change, not committing.")
             return "unchanged"
+        # Refusals (a payload the server will not take, a lost race, no right to write) come
+        # before the question, not after the answer.
+        if not checked:
+            self.client.post_commit(meta, new_payload, dry_run=True)
         click.echo(
             unified_diff(
                 old.payload if old else None,
@@ -229,7 +252,9 @@ class Session:
             nl=False,
             color=True,
         )
-        if not ask_yes_no(f"Commit to {self.client.commit_uri(key)} (yes/no)? "):
+        if yes:
+            click.echo(f"Committing to {self.client.commit_uri(key)} (--yes).")
+        elif not ask_yes_no(f"Commit to {self.client.commit_uri(key)} (yes/no)? "):
             click.echo("OK, not committing.")
             return "declined"
         _echo_meta(self.client.post_commit(meta, new_payload))
@@ -329,10 +354,14 @@ def rainer(
 
 @rainer.command("list")
 @click.option("-A", "--all", "show_all", is_flag=True, help="Include uncommitted (empty) keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print key -> meta as one JSON object.")
 @pass_session
-def list_command(session: Session, show_all: bool) -> None:
+def list_command(session: Session, show_all: bool, as_json: bool) -> None:
     """List keys: KEY<TAB>VERSION<TAB>URL, sorted by key."""
     listing = session.client.list(all=show_all)
+    if as_json:
+        _echo_json({key: listing[key] for key in sorted(listing)})
+        return
     for key in sorted(listing):
         version = listing[key]["version"]
         click.echo(f"{key}\t{version}\t{session.client.commit_uri(key, version)}")
@@ -341,9 +370,23 @@ def list_command(session: Session, show_all: bool) -> None:
 @rainer.command()
 @KEY
 @OPTIONAL_VERSION
+@click.option("--meta", is_flag=True, help="Print the meta (version, author, time...) instead.")
+@click.option("--json", "as_json", is_flag=True, help="With --meta: as a JSON object.")
 @pass_session
-def show(session: Session, key: str, version: int | None) -> None:
-    """Print the payload of KEY (at VERSION), byte for byte."""
+def show(session: Session, key: str, version: int | None, meta: bool, as_json: bool) -> None:
+    """Print the payload of KEY (at VERSION), byte for byte; or its meta."""
+    if as_json and not meta:
+        raise click.UsageError("--json goes with --meta (the payload is printed as it is)")
+    if meta:
+        found = session.client.get_metadata(key, version)
+        if as_json:
+            _echo_json(found)
+            return
+        for name in ("key", "version", "author", "mtime", "empty", "comment"):
+            value = found.get(name)
+            text = str(value).replace("\n", "\n  ") if name == "comment" else value
+            click.echo(f"{name}: {'yes' if value is True else 'no' if value is False else text}")
+        return
     commit = session.client.get_commit(key, version)
     if commit.payload is None:
         click.echo(f"rainer: {key} version {commit.version} is empty (uncommitted)", err=True)
@@ -365,12 +408,32 @@ def prepare(session: Session, key: str, version: int | None) -> None:
 
 @rainer.command()
 @KEY
+@click.argument("file", type=click.File("rb"), required=False)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_session
-def commit(session: Session, key: str) -> None:
-    """Post a prepared commit (YAML header, ---, payload) read from stdin to KEY."""
-    header, payload = parse_prepared(click.get_binary_stream("stdin").read())
+def commit(session: Session, key: str, file: Any, yes: bool) -> None:
+    """Post a prepared commit (YAML header, ---, payload) from FILE or stdin to KEY.
+
+    The server checks it first (a dry run), the diff is shown, and you are asked; --yes
+    posts without asking. A commit read from stdin needs --yes (stdin cannot answer too).
+    """
+    if file is None and not yes:
+        raise click.UsageError(
+            "the commit comes on standard input, which cannot answer the question too: "
+            "give the file as an argument, or pass --yes"
+        )
+    source = file if file is not None else click.get_binary_stream("stdin")
+    header, payload = parse_prepared(source.read())
     meta = header_meta(key, header, session.author)
-    _echo_meta(session.client.post_commit(meta, None if meta["empty"] else payload))
+    try:
+        current: Commit | None = session.client.get_commit(key)
+    except CommitNotFound:
+        current = None
+    new_payload = None if meta["empty"] else payload
+    # The server's verdict first: a document prepared from an old version is a conflict
+    # even when its payload happens to equal the newest one.
+    session.client.post_commit(meta, new_payload, dry_run=True)
+    session.confirm_and_post(key, current, meta, new_payload, yes, checked=True)
 
 
 @rainer.command("commit-value")
@@ -419,34 +482,68 @@ def uncommit(session: Session, key: str, version: int | None, yes: bool, message
 @click.option("-m", "--message", default="", help="Why (added to the comment).")
 @pass_session
 def revert(session: Session, key: str, version: int, message: str) -> None:
-    """Post VERSION's payload as KEY's next version ("Revert to VERSION: MESSAGE")."""
+    """Commit VERSION's payload as KEY's next version ("Revert to version VERSION: MESSAGE").
+
+    The server copies the payload (POST ?revert_to=VERSION): a tombstone if VERSION was one.
+    """
     target = session.client.get_commit(key, version)
     head = session.client.get_commit(key)
     if head.payload == target.payload:
         click.echo(f"No change, not committing: version {head.version} already has that payload.")
         return
-    meta = {
-        "key": key,
-        "version": head.version + 1,
-        "author": session.author(),
-        "comment": f"Revert to {version}" + (f": {message}" if message else ""),
-        "empty": target.empty,
-    }
-    _echo_meta(session.client.post_commit(meta, target.payload))
+    comment = f"Revert to version {version}" + (f": {message}" if message else "")
+    _echo_meta(session.client.revert(key, head.version + 1, version, session.author(), comment))
+
+
+@rainer.command()
+@KEY
+@click.argument("from_version", metavar="[V1", type=click.IntRange(min=1), required=False)
+@click.argument("to_version", metavar="[V2]]", type=click.IntRange(min=1), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Both metas and the lines, as JSON.")
+@click.option("-U", "--unified", "context", type=click.IntRange(min=0), default=None,
+              help="Lines of context around each change (default 3).")
+@pass_session
+def diff(
+    session: Session,
+    key: str,
+    from_version: int | None,
+    to_version: int | None,
+    as_json: bool,
+    context: int | None,
+) -> None:
+    """Show what changed in KEY: its last change; with V1, from V1 to the newest version;
+    with V1 and V2, from V1 to V2. The server makes the diff (GET /<key>/diff)."""
+    answer = session.client.diff(key, from_version, to_version, as_json=as_json, context=context)
+    if as_json:
+        _echo_json(answer)
+        return
+    click.echo(style_diff_text(answer, session.style), nl=False, color=True)
 
 
 @rainer.command()
 @KEY
 @OPTIONAL_VERSION
+@click.option("--json", "as_json", is_flag=True, help="The metas (and identities) as a JSON list.")
 @pass_session
-def log(session: Session, key: str, version: int | None) -> None:
+def log(session: Session, key: str, version: int | None, as_json: bool) -> None:
     """Show the history of KEY (from VERSION down), newest first, with diffs.
 
     Paged with $PAGER (default less) and coloured only on a terminal; NO_COLOR turns colour off.
     """
-    walk = session.client.iter_history(
-        key, before=None if version is None else version + 1, page_size=LOG_PAGE_SIZE
-    )
+    before = None if version is None else version + 1
+    if as_json:
+        entries = []
+        while before is None or before > 1:
+            page = session.client.history(key, limit=1000, before=before)
+            entries += page
+            if len(page) < 1000:
+                break
+            before = page[-1]["version"]
+        if not entries or (version is not None and entries[0]["version"] != version):
+            raise CommitNotFound(key, version)
+        _echo_json(entries)
+        return
+    walk = session.client.iter_history(key, before=before, page_size=LOG_PAGE_SIZE)
     first = next(walk, None)  # errors (unknown key) before the pager starts
     if first is None or (version is not None and first.version != version):
         raise CommitNotFound(key, version)
@@ -455,15 +552,23 @@ def log(session: Session, key: str, version: int | None) -> None:
             write(text)
 
 
+#: A line that only a three-way merge's conflict writes (git's markers).
+_CONFLICT_MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.MULTILINE)
+
+
 @rainer.command()
 @KEY
 @OPTIONAL_VERSION
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_session
-def edit(session: Session, key: str, version: int | None) -> None:
+def edit(session: Session, key: str, version: int | None, yes: bool) -> None:
     """Edit the next commit of KEY in $VISUAL/$EDITOR, review the diff, then post it.
 
-    A key that does not exist yet starts at version 1. If nothing is posted (you answer no,
-    or someone else committed first), your edited file is kept and its path printed.
+    A key that does not exist yet starts at version 1. The server checks the commit before
+    you are asked (a dry run). If someone else committed meanwhile, your change is merged
+    onto theirs (three-way: the version you started from, theirs, yours): a clean merge is
+    shown and asked about; a conflict reopens the editor with <<<<<<< markers to resolve.
+    If nothing is posted, your edited file is kept and its path printed.
     """
     client = session.client
     try:
@@ -481,34 +586,81 @@ def edit(session: Session, key: str, version: int | None) -> None:
         return click.ClickException(f"{message}; your edit is saved in {path}")
 
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-    try:
-        status = subprocess.call([*shlex.split(editor), path])
-    except (OSError, ValueError) as exc:
-        raise keep(f"cannot run editor {editor!r}: {exc}") from None
-    if status != 0:
-        raise keep(f"editor {editor!r} exited with status {status}")
-    with open(path, "rb") as edited:
-        header, payload = parse_prepared_or_keep(edited.read(), keep)
-    try:
-        meta = header_meta(key, header, session.author)
-    except click.ClickException as exc:
-        raise keep(exc.message) from None
-    try:
-        outcome = session.confirm_and_post(key, base, meta, payload)
-    except CommitOrderingError as exc:
-        _explain_conflict(session, key, base, exc, path)
-        raise keep(describe_conflict(exc)) from None
-    except RainerError as exc:
-        raise keep(str(exc)) from None
-    except click.ClickException as exc:
-        raise keep(exc.message) from None
-    except (KeyboardInterrupt, click.Abort):
-        click.echo(f"\nYour work is saved in: {path}")
-        raise click.Abort() from None
+    open_editor = True
+    while True:
+        if open_editor:
+            try:
+                status = subprocess.call([*shlex.split(editor), path])
+            except (OSError, ValueError) as exc:
+                raise keep(f"cannot run editor {editor!r}: {exc}") from None
+            if status != 0:
+                raise keep(f"editor {editor!r} exited with status {status}")
+        with open(path, "rb") as edited:
+            header, payload = parse_prepared_or_keep(edited.read(), keep)
+        try:
+            meta = header_meta(key, header, session.author)
+        except click.ClickException as exc:
+            raise keep(exc.message) from None
+        if not meta["empty"] and _CONFLICT_MARKER.search(payload):
+            raise keep("the file still has conflict markers (<<<<<<< ... >>>>>>>): resolve them")
+        try:
+            outcome = session.confirm_and_post(key, base, meta, payload, yes)
+        except CommitOrderingError as exc:
+            theirs = _explain_conflict(session, key, base, exc)
+            started = base.version if base else 0
+            if theirs is None or theirs.version <= started:
+                raise keep(describe_conflict(exc)) from None
+            open_editor = not _merge_into(path, base, theirs, meta, payload)
+            base = theirs
+            continue
+        except RainerError as exc:
+            raise keep(str(exc)) from None
+        except click.ClickException as exc:
+            raise keep(exc.message) from None
+        except (KeyboardInterrupt, click.Abort):
+            click.echo(f"\nYour work is saved in: {path}")
+            raise click.Abort() from None
+        break
     if outcome == "declined":
         click.echo(f"Your work is saved in: {path}")
     else:
         os.unlink(path)
+
+
+def _merge_into(
+    path: str, base: Commit | None, theirs: Commit, meta: Mapping[str, Any], yours: bytes
+) -> bool:
+    """Merge your edit onto ``theirs`` (three-way, from ``base``) into the file at ``path``,
+    as the version after theirs. Returns whether it merged cleanly."""
+    started = base.version if base else 0
+    empty = bool(meta.get("empty"))
+    merged = three_way_merge(
+        base.payload if base else None,
+        theirs.payload,
+        None if empty else yours,
+        their_name=f"version {theirs.version} ({theirs.author})",
+        your_name="your edit",
+        base_name=f"version {started}",
+    )
+    if empty and merged.clean:
+        payload: bytes | None = None  # still a tombstone: nothing of theirs to keep
+    else:
+        payload = merged.payload
+    document = prepare_text(
+        theirs.version + 1, str(meta["author"]), str(meta.get("comment") or ""), payload,
+        empty=payload is None,
+    )
+    with open(path, "wb") as file:
+        file.write(document)
+    if merged.clean:
+        click.echo(f"Your change merges cleanly onto version {theirs.version}:")
+        return True
+    places = "place" if merged.conflicts == 1 else "places"
+    click.echo(
+        f"Your change and theirs touch the same lines ({merged.conflicts} {places}): "
+        "resolve the lines between <<<<<<< and >>>>>>> in the editor."
+    )
+    return False
 
 
 def parse_prepared_or_keep(
@@ -529,9 +681,9 @@ def _scratch_file(key: str, document: bytes) -> str:
 
 
 def _explain_conflict(
-    session: Session, key: str, base: Commit | None, exc: CommitOrderingError, path: str
-) -> None:
-    """Tell the user who committed first and show their change."""
+    session: Session, key: str, base: Commit | None, exc: CommitOrderingError
+) -> Commit | None:
+    """Tell the user who committed first and show their change; return their commit."""
     try:
         theirs: Commit | None = session.client.get_commit(key)
     except RainerError:
@@ -539,7 +691,7 @@ def _explain_conflict(
     started = base.version if base else 0
     if theirs is None or theirs.version <= started:
         click.echo(f"Could not commit: {describe_conflict(exc)}.")
-        return
+        return None
     click.echo(
         f"Someone else committed {key} first: version {theirs.version} by {theirs.author} "
         f"({format_mtime(theirs.mtime)}); you started from version {started}."
@@ -558,10 +710,7 @@ def _explain_conflict(
         nl=False,
         color=True,
     )
-    click.echo(
-        f"To commit your version anyway, set 'version: {theirs.version + 1}' in the file and run: "
-        f"rainer commit {shlex.quote(key)} < {shlex.quote(path)}"
-    )
+    return theirs
 
 
 @rainer.command()

@@ -252,13 +252,19 @@ class RainerClient:
         return self._json("GET", self.commit_uri(key, version) + "/meta", key=key, version=version)
 
     def post_commit(
-        self, meta: Mapping[str, Any], value: bytes | bytearray | memoryview | str | None
+        self,
+        meta: Mapping[str, Any],
+        value: bytes | bytearray | memoryview | str | None,
+        *,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Save a commit; return the server's meta of it.
 
         :param meta: ``key``, ``version`` and ``author``; optional ``comment``, ``empty`` and
             ``mtime`` (ISO-8601 text or an aware ``datetime``; the server's clock otherwise).
         :param value: the payload; ``None`` (or ``meta["empty"]``) makes a tombstone.
+        :param dry_run: only check: the server runs every check of the commit and answers the
+            meta it would write, or the error it would give; nothing is stored.
         :raises CommitOrderingError: unless ``meta["version"]`` is the key's next version.
         :raises InvalidCommit: when the server refuses the commit (``RainerBadRequest``).
         """
@@ -280,14 +286,81 @@ class RainerClient:
         elif mtime:
             headers["X-Rainer-Modified-Time"] = str(mtime)
         body = b"" if empty else payload or b""
+        url = self.commit_uri(key, version) + ("?dry_run=yes" if dry_run else "")
         return self._json(
             "POST",
-            self.commit_uri(key, version),
+            url,
             data=body,
             headers=headers,
             key=key,
             version=version,
         )
+
+    def revert(
+        self,
+        key: str,
+        version: int,
+        revert_to: int,
+        author: str | None = None,
+        comment: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Commit ``version`` (the key's next) carrying exactly version ``revert_to``'s
+        payload, a tombstone if that was one; return the server's meta of it.
+
+        :param comment: the server's default is "Revert to version ``revert_to``".
+        :raises CommitNotFound: the key has no version ``revert_to``.
+        :raises CommitOrderingError: ``version`` is not the next version.
+        """
+        texts = {}
+        if author is not None:
+            texts["X-Rainer-Author"] = str(author)
+        if comment:
+            texts["X-Rainer-Comment"] = str(comment)
+        query = {"revert_to": int(revert_to)}
+        if dry_run:
+            query["dry_run"] = "yes"
+        url = self.commit_uri(key, version) + "?" + urllib.parse.urlencode(query)
+        return self._json(
+            "POST",
+            url,
+            data=b"",
+            headers={"Content-Type": "application/octet-stream", **encode_text_headers(texts)},
+            key=key,
+            version=revert_to,
+        )
+
+    def diff(
+        self,
+        key: str,
+        from_version: int | None = None,
+        to_version: int | None = None,
+        *,
+        as_json: bool = False,
+        context: int | None = None,
+    ) -> Any:
+        """The server's diff of two versions of ``key``: unified text naming both versions,
+        or with ``as_json`` the mapping of ``GET /<key>/diff?format=json`` (both metas and
+        the lines). ``to_version`` defaults to the head, ``from_version`` to the one before.
+
+        :raises CommitNotFound: the key, or one of the versions, does not exist.
+        """
+        query: dict[str, Any] = {}
+        if from_version is not None:
+            query["from"] = int(from_version)
+        if to_version is not None:
+            query["to"] = int(to_version)
+        if context is not None:
+            query["context"] = int(context)
+        if as_json:
+            query["format"] = "json"
+        url = self.commit_uri(key) + "/diff"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        if as_json:
+            return self._json("GET", url, key=key)
+        return self._request("GET", url, key=key)[2].decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ history
 

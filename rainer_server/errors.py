@@ -148,6 +148,11 @@ class AccessDenied(RainerError):
     author, set the time)."""
 
 
+class CsrfRejected(RainerError):
+    """A web console form posted without this session's CSRF token: made elsewhere (a forged
+    cross-site post), or from a session that has ended. Nothing is changed."""
+
+
 # ---------------------------------------------------------------------- over HTTP
 # What RainerClient raises: each is also the domain error of its status, so callers catch one
 # set of types whether the storage is local or remote.

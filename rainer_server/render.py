@@ -1,12 +1,12 @@
 """How commits look on a terminal: diffs, ``git log -p``-like logs, colour and a pager.
 
-Shared by the ``rainer`` command and the ``flask rainer`` admin commands.
+Shared by the ``rainer`` command and the ``flask rainer`` admin commands; the diff itself is
+``rainer_server.diff``'s, which the server and the console use too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import os
 import shlex
@@ -23,6 +23,8 @@ import click
 
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
+from rainer_server.diff import diff_lines
+from rainer_server.diff import unified_text
 
 DEFAULT_PAGER = "less"
 # less: quit when the log fits on one screen, pass colours through, don't clear the screen.
@@ -53,31 +55,30 @@ def styler(colour: bool) -> Style:
     return click.style if colour else _plain
 
 
-def _text_lines(payload: bytes | None) -> list[str]:
-    text = (payload or b"").decode("utf-8", "replace")
-    parts = text.split("\n")
-    lines = [part + "\n" for part in parts[:-1]]
-    return lines + [parts[-1]] if parts[-1] else lines
-
-
 def unified_diff(
     old: bytes | None, new: bytes | None, old_name: str, new_name: str, style: Style = _plain
 ) -> str:
-    """A unified diff of two payloads, marking a missing final newline as diff(1) does."""
+    """A unified diff of two payloads, marking a missing final newline as diff(1) does
+    (``rainer_server.diff``: the same lines the server and the console show)."""
+    return unified_text(diff_lines(old, new), old_name, new_name, style)
+
+
+def style_diff_text(text: str, style: Style) -> str:
+    """Colour a unified diff given as text (the server's ``GET /<key>/diff``) as
+    ``unified_diff`` colours its own."""
     out = []
-    for line in difflib.unified_diff(_text_lines(old), _text_lines(new), old_name, new_name):
-        text = line.rstrip("\n")
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\n")
+        end = line[len(body):]
         if line.startswith(("--- ", "+++ ")):
-            out.append(style(text, bold=True))
+            body = style(body, bold=True)
         elif line.startswith("@@"):
-            out.append(style(text, fg="cyan"))
+            body = style(body, fg="cyan")
         elif line.startswith("-"):
-            out.append(style(text, fg="red"))
+            body = style(body, fg="red")
         elif line.startswith("+"):
-            out.append(style(text, fg="green"))
-        else:
-            out.append(text)
-        out.append("\n" if line.endswith("\n") else "\n\\ No newline at end of file\n")
+            body = style(body, fg="green")
+        out.append(body + end)
     return "".join(out)
 
 

@@ -57,6 +57,12 @@ class Settings:
     trusted_proxies: str = "127.0.0.1,::1"
     audit_log: str | None = None
     health_routes: bool = True
+    #: The web console (rainer_server/web/console.py), and where it is mounted.
+    ui: bool = True
+    ui_prefix: str = "/ui"
+    #: Signs the console's session cookie and its forms' CSRF tokens. No default: required
+    #: when the console and RAINER_AUTH are both on (see ``load_settings``). Never shown.
+    secret_key: str | None = dataclasses.field(default=None, repr=False)
     # gunicorn's (rainer_server.gunicorn_conf); the Flask app does not use them.
     bind: str = "127.0.0.1:8080"
     workers: int = 2
@@ -117,6 +123,16 @@ def _check_bind(value: str) -> None:
         raise ValidationError("must be host:port, [ipv6 address]:port, unix:/path or fd://number")
 
 
+#: A secret key shorter than this is a password someone typed, not a key.
+MIN_SECRET_KEY_LENGTH = 32
+_NEW_SECRET = "make one with python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+def _check_secret_key(value: str) -> None:
+    # Empty is unset (as for the other optional settings); the message never repeats the value.
+    if value and len(value) < MIN_SECRET_KEY_LENGTH:
+        raise ValidationError(f"must be at least {MIN_SECRET_KEY_LENGTH} characters: {_NEW_SECRET}")
+
+
 AUTH_CHOICES = ("none", "token", "proxy", "token,proxy", "proxy,token")
 
 
@@ -159,12 +175,16 @@ class SettingsSchema(Schema):
     trusted_proxies = fields.String(validate=_valid_networks)
     audit_log = fields.String(allow_none=True)
     health_routes = fields.Boolean()
+    ui = fields.Boolean()
+    ui_prefix = fields.String(validate=validate.Regexp(
+        r"^(/[^/\s]+)+$", error="must start with '/' and not end with '/' (e.g. /ui)"))
+    secret_key = fields.String(allow_none=True, validate=_check_secret_key)
     bind = fields.String(validate=_check_bind)
     workers = fields.Integer(validate=validate.Range(min=1, max=1024))
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> Settings:
-        for name in ("zk_hosts", "policy", "audit_log", "auth"):
+        for name in ("zk_hosts", "policy", "audit_log", "auth", "secret_key"):
             if data.get(name) == "":
                 data[name] = None
         return Settings(**data)
@@ -185,6 +205,21 @@ def load_settings(values: Mapping[str, Any]) -> Settings:
         raise ConfigurationError(
             f"Invalid setting RAINER_POLICY: required with RAINER_AUTH={settings.auth} "
             "(a YAML file of rules; RAINER_AUTH=none keeps anonymous writes)"
+        )
+    if settings.ui and settings.auth_modes and not settings.secret_key:
+        # The console's sessions say who is signed in: a key known to anyone (a default)
+        # would let anyone sign a session naming any identity.
+        raise ConfigurationError(
+            f"Invalid setting RAINER_SECRET_KEY: required when the console (RAINER_UI) and "
+            f"RAINER_AUTH={settings.auth} are both on ({_NEW_SECRET}), or set RAINER_UI=off"
+        )
+    if settings.ui and settings.url_prefix and (
+        settings.ui_prefix == settings.url_prefix
+        or settings.ui_prefix.startswith(settings.url_prefix + "/")
+    ):
+        raise ConfigurationError(
+            f"Invalid setting RAINER_UI_PREFIX: {settings.ui_prefix} is inside the API's "
+            f"RAINER_URL_PREFIX {settings.url_prefix}, where keys have their URLs"
         )
     if settings.payload_schemas and settings.payload_format not in ("json", "yaml"):
         raise ConfigurationError(

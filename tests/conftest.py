@@ -23,6 +23,15 @@ def service_missing(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``), so that a fixture can
+    tell at teardown whether its test failed (the browser tests then keep a screenshot)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 # ---------------------------------------------------------------- MySQL / MariaDB
 
 

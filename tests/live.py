@@ -27,6 +27,8 @@ from werkzeug.serving import WSGIRequestHandler
 from rainer_server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+#: RAINER_SECRET_KEY for tests with RAINER_AUTH on (the console then needs one).
+TEST_SECRET_KEY = "test-only-secret-key-0123456789abcdef"
 BIN = Path(sys.executable).parent
 #: The installed console script (``rainer = rainer_server.cli:main`` in setup.cfg).
 RAINER = str(BIN / "rainer") if (BIN / "rainer").exists() else None

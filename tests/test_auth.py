@@ -15,6 +15,7 @@ import pytest
 
 from rainer_server import create_app
 from rainer_server.commit import Commit
+from tests.live import TEST_SECRET_KEY
 from tests.zk_support import wait_until
 
 POLICY = """
@@ -77,6 +78,7 @@ def _make_app(config, tmp_path, extra=None):
             "RAINER_AUTH": "token,proxy",
             "RAINER_POLICY": str(policy),
             "RAINER_TRUSTED_PROXIES": "127.0.0.1/32",
+            "RAINER_SECRET_KEY": TEST_SECRET_KEY,
             **(extra or {}),
         }
     )
@@ -421,4 +423,4 @@ def test_auth_settings_are_checked(tmp_path):
     bad.write_text("rules: nope")
     with pytest.raises(ConfigurationError, match="bad.yaml: 'rules' must be"):
         create_app({"TESTING": True, "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
-                    "RAINER_AUTH": "proxy", "RAINER_POLICY": str(bad)})
+                    "RAINER_AUTH": "proxy", "RAINER_POLICY": str(bad), "RAINER_UI": "off"})

@@ -16,6 +16,7 @@ from rainer_server.client import RainerForbidden
 from rainer_server.client import RainerUnauthorized
 from rainer_server.errors import AccessDenied
 from rainer_server.errors import AuthenticationRequired
+from tests.live import TEST_SECRET_KEY
 from tests.live import run_rainer
 from tests.live import start_live_server
 from tests.test_admin import invoke
@@ -41,7 +42,8 @@ act_as: [deploy-bot]
 def auth_config(app_config, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    return {**app_config, "RAINER_AUTH": "token", "RAINER_POLICY": str(policy)}
+    return {**app_config, "RAINER_AUTH": "token", "RAINER_POLICY": str(policy),
+            "RAINER_SECRET_KEY": TEST_SECRET_KEY}
 
 
 @pytest.fixture
@@ -219,7 +221,7 @@ def test_policy_reload_on_hup_without_dropping_requests(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("rules:\n  - keys: '*'\n    read: [alice]\n    write: [alice]\n")
     server = Gunicorn({"RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RAINER_AUTH": "proxy",
-                       "RAINER_POLICY": str(policy), "RAINER_TEST_LOG_DIR": str(tmp_path)},
+                       "RAINER_POLICY": str(policy), "RAINER_SECRET_KEY": TEST_SECRET_KEY, "RAINER_TEST_LOG_DIR": str(tmp_path)},
                       workers=2)
     try:
         server.wait_ready()

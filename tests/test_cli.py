@@ -33,8 +33,14 @@ EDITOR = textwrap.dedent(
     for old, new in json.loads(os.environ.get("EDIT_REPLACE", "[]")):
         text = text.replace(old, new)
     open(path, "w", encoding="utf-8").write(text)
-    race = os.environ.get("EDIT_RACE")  # someone else commits while we edit
-    if race:
+    calls = sum(1 for _ in open(os.environ["EDIT_RECORD"]))
+    if calls > 1 and os.environ.get("EDIT_RESOLVE") is not None:  # the merge reopened us
+        head, sep, rest = text.partition("<<<<<<< ")
+        _, _, tail = rest.partition(">>>>>>> your edit\\n")
+        text = head + os.environ["EDIT_RESOLVE"] + tail
+        open(path, "w", encoding="utf-8").write(text)
+    race = os.environ.get("EDIT_RACE")  # someone else commits while we edit (the first time)
+    if race and calls == 1:
         url, body = race.split(" ", 1)
         headers = {"X-Rainer-Author": "bob", "X-Rainer-Comment": "hotfix"}
         request = urllib.request.Request(url, data=body.encode(), headers=headers)
@@ -142,31 +148,33 @@ def test_prepare_then_commit(server, store):
         prepared.stdout == b"author: tester\ncomment: ''\nversion: 2\n---\n" + b'{"threads": 4}\n'
     )
     edited = prepared.stdout.replace(b"comment: ''", b"comment: more threads").replace(b"4", b"8")
-    result = rainer(server, "commit", "svc", input=edited)
+    result = rainer(server, "commit", "svc", "--yes", input=edited)
     assert result.returncode == 0, result
-    meta = json.loads(result.stdout)
+    out = result.stdout.decode()
+    assert '-{"threads": 4}\n+{"threads": 8}\n' in out and "(--yes)" in out
+    meta = json.loads(out.splitlines()[-1])
     assert (meta["version"], meta["author"], meta["comment"]) == (2, "tester", "more threads")
     assert store.get("svc").payload == b'{"threads": 8}\n'
     # The same document again is now out of date: a conflict, one line, exit 1.
-    assert_one_line_error(rainer(server, "commit", "svc", input=edited), "already at version 2")
+    assert_one_line_error(rainer(server, "commit", "svc", "-y", input=edited), "already at version 2")
     # pyrainer's documents may copy one key's value to another (the header has no key).
-    copied = rainer(server, "commit", "copy", input=edited.replace(b"version: 2", b"version: 1"))
+    copied = rainer(server, "commit", "copy", "-y", input=edited.replace(b"version: 2", b"version: 1"))
     assert copied.returncode == 0 and store.get("copy").payload == b'{"threads": 8}\n'
 
 
 def test_commit_rejects_malformed_documents(server):
-    assert_one_line_error(rainer(server, "commit", "k", input=b'{"a": 1}'), "not a prepared commit")
+    assert_one_line_error(rainer(server, "commit", "k", "-y", input=b'{"a": 1}'), "not a prepared commit")
     assert_one_line_error(
-        rainer(server, "commit", "k", input=b"version: [\n---\n{}"), "header is not valid YAML"
+        rainer(server, "commit", "k", "-y", input=b"version: [\n---\n{}"), "header is not valid YAML"
     )
     assert_one_line_error(
-        rainer(server, "commit", "k", input=b"author: a\n---\n{}"), "needs 'version'"
+        rainer(server, "commit", "k", "-y", input=b"author: a\n---\n{}"), "needs 'version'"
     )
 
 
 
 def test_commit_keeps_a_multi_line_comment(server, store):
-    result = rainer(server, "commit", "k", input=b"version: 1\ncomment: |\n  two\n  lines\n---\n{}")
+    result = rainer(server, "commit", "k", "--yes", input=b"version: 1\ncomment: |\n  two\n  lines\n---\n{}")
     assert result.returncode == 0, result
     assert store.get("k").comment.rstrip("\n") == "two\nlines"
 
@@ -234,7 +242,7 @@ def test_uncommit_asks_first(server, store):
     assert declined.returncode == 0, declined
     out = declined.stdout.decode()
     assert '-{"a": 1}' in out and f"Commit to {server.url}/k (yes/no)? " in out
-    assert "Please type 'yes' or 'no': " in out and "OK, not committing." in out
+    assert "Please type 'yes' or 'no' (or y/n): " in out and "OK, not committing." in out
     assert store.get("k").version == 1
     assert_one_line_error(rainer(server, "uncommit", "k", input=b""), "no answer on standard input")
     accepted = rainer(server, "uncommit", "k", input=b"yes\n")
@@ -258,13 +266,88 @@ def test_revert_posts_an_old_payload_as_the_next_version(server, store):
     result = rainer(server, "revert", "k", "1", "-m", "2 broke logins")
     assert result.returncode == 0, result
     meta = json.loads(result.stdout)
-    assert meta["version"] == 3 and meta["comment"] == "Revert to 1: 2 broke logins"
+    assert meta["version"] == 3 and meta["comment"] == "Revert to version 1: 2 broke logins"
     assert store.get("k").payload == b'{"good": true}' and store.get("k").author == "tester"
+    # Through the revert route: the server copied the payload.
+    assert any("/k/3?revert_to=1" in r for r in server.requests)
     plain = rainer(server, "revert", "k", "2")
-    assert json.loads(plain.stdout)["comment"] == "Revert to 2"
+    assert json.loads(plain.stdout)["comment"] == "Revert to version 2"
     unchanged = rainer(server, "revert", "k", "4")
     assert b"No change" in unchanged.stdout and store.get("k").version == 4
     assert_one_line_error(rainer(server, "revert", "k", "9"), "Key not found: k version 9")
+
+
+def test_diff_shows_a_change_between_any_two_versions(server, store):
+    save(store, "k", 1, b'{\n  "a": 1\n}\n', author="alice")
+    save(store, "k", 2, b'{\n  "a": 2\n}\n', author="bob")
+    save(store, "k", 3, b'{\n  "a": 3\n}\n', author="carol")
+    last = rainer(server, "diff", "k")
+    assert last.returncode == 0, last
+    assert last.stdout.decode() == (
+        "--- k version 2 by bob at 2014-01-02T03:04:05.006Z\n"
+        "+++ k version 3 by carol at 2014-01-02T03:04:05.006Z\n"
+        "@@ -1,3 +1,3 @@\n {\n-  \"a\": 2\n+  \"a\": 3\n }\n"
+    )
+    since = rainer(server, "diff", "k", "1").stdout.decode()
+    assert since.startswith("--- k version 1 by alice") and "+++ k version 3 by carol" in since
+    between = rainer(server, "diff", "k", "1", "2").stdout.decode()
+    assert '-  "a": 1\n+  "a": 2\n' in between
+    as_json = json.loads(rainer(server, "diff", "k", "1", "2", "--json").stdout)
+    assert as_json["from"]["version"] == 1 and as_json["to"]["author"] == "bob"
+    assert [line["kind"] for line in as_json["lines"]] == ["hunk", "context", "removed", "added", "context"]
+    assert "@@ -2 +2 @@" in rainer(server, "diff", "k", "1", "2", "-U", "0").stdout.decode()
+    assert_one_line_error(rainer(server, "diff", "k", "9"), "Key not found")
+    assert_one_line_error(rainer(server, "diff", "nothing"), "Key not found")
+
+
+def test_json_output_of_list_show_and_log(server, store):
+    save(store, "k", 1, b"{}", comment="first")
+    store.save(Commit("k", 2, b'{"b": 1}', "bob", "two\nlines", T0, identity="bob"))
+    save(store, "other", 1)
+    listing = json.loads(rainer(server, "list", "--json").stdout)
+    assert list(listing) == ["k", "other"] and listing["k"]["version"] == 2
+    meta = json.loads(rainer(server, "show", "k", "--meta", "--json").stdout)
+    assert meta == {"key": "k", "version": 2, "author": "bob", "comment": "two\nlines",
+                    "mtime": "2014-01-02T03:04:05.006Z", "empty": False}
+    assert json.loads(rainer(server, "show", "k", "1", "--meta", "--json").stdout)["comment"] == "first"
+    readable = rainer(server, "show", "k", "--meta").stdout.decode()
+    assert "version: 2\n" in readable and "author: bob\n" in readable
+    assert "comment: two\n  lines\n" in readable and "empty: no\n" in readable
+    log = json.loads(rainer(server, "log", "k", "--json").stdout)
+    assert [(e["version"], e["identity"]) for e in log] == [(2, "bob"), (1, None)]
+    assert [e["version"] for e in json.loads(rainer(server, "log", "k", "1", "--json").stdout)] == [1]
+    assert rainer(server, "show", "k", "--json").returncode == 2
+
+
+def test_commit_dry_runs_then_asks(server, store, tmp_path):
+    save(store, "svc", 1, b'{"threads": 4}\n')
+    document = tmp_path / "svc.yaml"
+    document.write_bytes(b"version: 2\ncomment: more\n---\n" + b'{"threads": 8}\n')
+    declined = rainer(server, "commit", "svc", str(document), input=b"n\n")
+    assert declined.returncode == 0 and b"OK, not committing." in declined.stdout
+    assert b'+{"threads": 8}' in declined.stdout and store.get("svc").version == 1
+    accepted = rainer(server, "commit", "svc", str(document), input=b"Y\n")
+    assert accepted.returncode == 0 and store.get("svc").payload == b'{"threads": 8}\n'
+    # A refusal comes before the question: nothing is asked, nothing posted.
+    document.write_bytes(b"version: 3\n---\n{not json\n")
+    refused = rainer(server, "commit", "svc", str(document), input=b"y\n")
+    assert_one_line_error(refused, "Malformed input")
+    assert store.get("svc").version == 2
+    # stdin cannot be both the commit and the answer.
+    piped = rainer(server, "commit", "svc", input=b"version: 3\n---\n{}")
+    assert piped.returncode == 2 and b"pass --yes" in piped.stderr
+    assert store.get("svc").version == 2
+
+
+def test_edit_yes_skips_the_question_and_a_refusal_keeps_the_file(server, store, scripts):
+    save(store, "svc", 1, b'{"threads": 4}\n')
+    result = rainer(server, "edit", "svc", "--yes", env=edit_env(scripts, [["4", "8"]]))
+    assert result.returncode == 0, result
+    assert b"(yes/no)" not in result.stdout and store.get("svc").version == 2
+    bad = rainer(server, "edit", "svc", "-y", env=edit_env(scripts, [['{"threads"', "{threads"]]))
+    assert bad.returncode == 1 and b"Malformed input" in bad.stderr
+    assert b"{threads: 8}" in saved_path(bad.stdout).read_bytes()
+    assert store.get("svc").version == 2
 
 
 # ---------------------------------------------------------------------- log
@@ -390,28 +473,57 @@ def test_edit_uses_visual_with_arguments(server, store, scripts):
     assert argv[:2] == ["--wait", "two words"] and argv[2].endswith(".yaml")
 
 
-def test_edit_when_someone_else_commits_first(server, store, scripts):
+def test_edit_merges_a_change_someone_else_made_meanwhile(server, store, scripts):
+    base = b'{\n  "threads": 4,\n  "queue": 10,\n  "retries": 3,\n  "timeout": 5\n}\n'
+    save(store, "svc", 1, base)
+    theirs = base.replace(b"5", b"9").decode()
+    env = edit_env(scripts, [["4", "8"]], EDIT_RACE=f"{server.url}/svc/2 {theirs}")
+    result = rainer(server, "edit", "svc", input=b"y\n", env=env)
+    assert result.returncode == 0, result
+    out = result.stdout.decode()
+    assert "Someone else committed svc first: version 2 by bob" in out and "  hotfix\n" in out
+    assert '-  "timeout": 5\n+  "timeout": 9\n' in out  # their change
+    assert "Your change merges cleanly onto version 2:" in out
+    assert '-  "threads": 4,\n+  "threads": 8,\n' in out.split("merges cleanly")[1]
+    assert json.loads(out.splitlines()[-1])["version"] == 3
+    assert store.get("svc").payload == base.replace(b"4", b"8").replace(b"5", b"9")
+    # One editor session: a clean merge needs no second look in the editor.
+    assert len(scripts["record"].read_text().splitlines()) == 1
+
+
+def test_edit_reopens_the_editor_on_a_conflict(server, store, scripts):
     save(store, "svc", 1, b'{"threads": 4}\n')
-    env = edit_env(scripts, [["4", "8"]], EDIT_RACE=f'{server.url}/svc/2 {{"threads": 6}}\n')
+    env = edit_env(scripts, [["4", "8"]], EDIT_RACE=f'{server.url}/svc/2 {{"threads": 6}}\n',
+                   EDIT_RESOLVE='{"threads": 7}\n')
     result = rainer(server, "edit", "svc", input=b"yes\n", env=env)
-    assert result.returncode == 1, result
+    assert result.returncode == 0, result
     out = result.stdout.decode()
     assert "Someone else committed svc first: version 2 by bob" in out
-    assert "  hotfix\n" in out
     assert (
         'Their change:\n--- svc 1\n+++ svc 2\n@@ -1 +1 @@\n-{"threads": 4}\n+{"threads": 6}\n'
         in out
     )
+    assert "touch the same lines (1 place)" in out
+    assert len(scripts["record"].read_text().splitlines()) == 2
+    assert store.get("svc").payload == b'{"threads": 7}\n' and store.get("svc").version == 3
+
+
+def test_edit_keeps_a_file_left_with_conflict_markers(server, store, scripts):
+    save(store, "svc", 1, b'{"threads": 4}\n')
+    env = edit_env(scripts, [["4", "8"]], EDIT_RACE=f'{server.url}/svc/2 {{"threads": 6}}\n')
+    result = rainer(server, "edit", "svc", input=b"yes\n", env=env)
+    assert result.returncode == 1, result
+    assert b"still has conflict markers" in result.stderr
     path = saved_path(result.stdout)
-    assert path.parent == scripts["record"].parent
-    assert b'{"threads": 8}' in path.read_bytes()
-    err = result.stderr.decode()
-    assert "already at version 2" in err and str(path) in err and "Traceback" not in err
-    assert store.get("svc").payload == b'{"threads": 6}\n'
-    # The advice works: bump the version in the kept file and commit it.
-    fixed = path.read_bytes().replace(b"version: 2", b"version: 3")
-    assert rainer(server, "commit", "svc", input=fixed).returncode == 0
-    assert store.get("svc").payload == b'{"threads": 8}\n'
+    kept = path.read_bytes()
+    assert b"version: 3\n" in kept and b"<<<<<<< version 2 (bob)\n" in kept
+    assert b'{"threads": 8}\n>>>>>>> your edit\n' in kept
+    assert store.get("svc").version == 2
+    # Resolved by hand, the file commits as it is.
+    fixed = kept.split(b"---\n")[0] + b'---\n{"threads": 7}\n'
+    assert rainer(server, "commit", "svc", "--yes", input=fixed).returncode == 0
+    assert store.get("svc").payload == b'{"threads": 7}\n'
+    path.unlink()
 
 
 def test_edit_keeps_the_file_when_the_editor_fails(server, store, scripts):

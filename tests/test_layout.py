@@ -1,6 +1,7 @@
 """The package's shape, held against the code: layers, no cycles, the library at the root.
 
-The layers, bottom up: core (commit, errors, settings, payloads, headers, metrics) <- storage/
+The layers, bottom up: core (commit, errors, settings, payloads, headers, metrics, diff,
+merge) <- storage/
 <- zk/ <- web/ <- process (wsgi, gunicorn_*). client, cli, render and transfer sit on core (and
 transfer on the storage protocol). Flask lives under web/ only, kazoo under zk/ only, peewee
 under storage/ only.
@@ -61,6 +62,8 @@ LAYER_OF = {
     "access": "core",
     "audit": "core",
     "chain": "core",
+    "diff": "core",
+    "merge": "core",
     "storage": "storage",
     "transfer": "transfer",
     "zk": "zk",

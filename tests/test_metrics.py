@@ -83,7 +83,7 @@ def test_a_save_logs_key_version_and_author_but_never_the_payload(client, caplog
     assert [rec.getMessage() for rec in saved] == [
         f"Saved commit db.password version 1 by alice ({len(SECRET)} bytes)"
     ]
-    assert saved[0].name == "rainer_server.web.api" and saved[0].levelno == logging.INFO
+    assert saved[0].name == "rainer_server.web.commits" and saved[0].levelno == logging.INFO
     assert client.post("/diary/db.password/1", data=SECRET, headers=AUTHOR).status_code == 409
     assert client.post("/diary/db.password/2", data=b"{" + SECRET, headers=AUTHOR).status_code == 400
     assert b"hunter2" not in caplog.text.encode()

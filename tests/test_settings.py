@@ -260,3 +260,54 @@ def test_the_extension_adds_no_health_routes_when_told_not_to(caplog):
     assert client.get("/readyz").status_code == 404
     assert client.get("/metrics").data == b"mine"
     assert client.post("/diary/k/1", data=b"{}", headers=AUTHOR).status_code == 200
+
+
+# ---------------------------------------------------------------------- the console's settings
+
+
+def test_console_settings_and_their_defaults():
+    settings = load_settings({})
+    assert (settings.ui, settings.ui_prefix, settings.secret_key) == (True, "/ui", None)
+    assert {"RAINER_UI", "RAINER_UI_PREFIX", "RAINER_SECRET_KEY"} <= set(NAMES)
+    assert load_settings({"ui": "off"}).ui is False and load_settings({"ui": "on"}).ui is True
+    assert load_settings({"ui_prefix": "/console/v1"}).ui_prefix == "/console/v1"
+    assert "must start with '/'" in invalid("ui_prefix", "ui")
+    assert "must start with '/'" in invalid("ui_prefix", "/ui/")
+    assert "must start with '/'" in invalid("ui_prefix", "")
+    invalid("ui", "maybe")
+
+
+def test_the_secret_key_is_required_with_the_console_and_auth_on():
+    policy = {"auth": "token", "policy": "/etc/rainer/policy.yaml"}
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(policy)
+    assert str(info.value).startswith("Invalid setting RAINER_SECRET_KEY: required when the console")
+    assert "RAINER_UI=off" in str(info.value)
+    # Not with the console off, nor without auth; an empty value is no key.
+    assert load_settings({**policy, "ui": "off"}).secret_key is None
+    assert load_settings({"auth": "none"}).secret_key is None
+    with pytest.raises(ConfigurationError, match="RAINER_SECRET_KEY: required"):
+        load_settings({**policy, "secret_key": ""})
+    key = "k" * 32
+    settings = load_settings({**policy, "secret_key": key})
+    assert settings.secret_key == key and key not in repr(settings)
+
+
+def test_a_short_secret_key_is_refused_without_repeating_it():
+    message = invalid("secret_key", "hunter2")
+    assert "at least 32 characters" in message and "hunter2" not in message
+
+
+def test_the_console_cannot_sit_inside_the_api_prefix():
+    assert "inside the API's RAINER_URL_PREFIX /diary" in invalid_pair(
+        {"ui_prefix": "/diary/ui"}, "ui_prefix")
+    assert "RAINER_URL_PREFIX" in invalid_pair({"ui_prefix": "/diary"}, "ui_prefix")
+    assert load_settings({"ui_prefix": "/diary-ui"}).ui_prefix == "/diary-ui"
+    assert load_settings({"ui_prefix": "/diary/ui", "ui": "off"}).ui is False
+
+
+def invalid_pair(values, name):
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(values)
+    assert str(info.value).startswith(f"Invalid setting RAINER_{name.upper()}: ")
+    return str(info.value)

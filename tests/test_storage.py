@@ -178,3 +178,80 @@ def test_mysql_save_chosen_as_deadlock_victim_is_retried_not_refused(mysql_url, 
     assert outcome == ["saved"]
     assert storage.get("k") == commit("k", 2)
     assert [c.version for c in storage.history("k")] == [2, 1]
+
+
+# ---------------------------------------------------------------------- pages of heads
+
+
+PAGE_KEYS = ["a", "a%b", "a_b", "ab", "Ab", "b.1", "b.2", "b.10", "é", "web.pool", "web.pools"]
+
+
+def _page_storage(storage):
+    for key in PAGE_KEYS:
+        storage.save(Commit(key, 1, b'{"k": "%s"}' % key.encode(), "alice", "", T0))
+    storage.save(Commit("b.2", 2, None, "bob", "gone", T0))
+    return storage
+
+
+def _keys(page):
+    return [row.key for row in page.rows]
+
+
+def test_pages_of_heads_in_byte_order(storage):
+    from rainer_server.storage import page_of_heads
+    from rainer_server.storage import paged_heads
+
+    _page_storage(storage)
+    byte_order = sorted((k for k in PAGE_KEYS if k != "b.2"), key=lambda k: k.encode())
+    first = page_of_heads(storage, limit=4)
+    assert _keys(first) == byte_order[:4] and first.has_next and not first.has_previous
+    second = page_of_heads(storage, after=first.rows[-1].key, limit=4)
+    assert _keys(second) == byte_order[4:8] and second.has_next and second.has_previous
+    last = page_of_heads(storage, after=second.rows[-1].key, limit=4)
+    assert _keys(last) == byte_order[8:] and not last.has_next
+    back = page_of_heads(storage, before=last.rows[0].key, limit=4)
+    assert _keys(back) == _keys(second) and back.has_previous and back.has_next
+    start = page_of_heads(storage, before=second.rows[0].key, limit=4)
+    assert _keys(start) == _keys(first) and not start.has_previous
+    # Sizes and metas, never payloads; tombstones on request.
+    row = first.rows[0]
+    assert (row.key, row.version, row.author, row.mtime, row.size) == ("Ab", 1, "alice", T0, 11)
+    with_deleted = page_of_heads(storage, prefix="b.", include_empty=True)
+    assert _keys(with_deleted) == ["b.1", "b.10", "b.2"]
+    assert with_deleted.rows[2].empty and with_deleted.rows[2].version == 2
+    assert paged_heads(storage).heads_count("", "", False) == len(PAGE_KEYS) - 1
+    assert paged_heads(storage).heads_count("", "", True) == len(PAGE_KEYS)
+
+
+def test_pages_of_heads_filter_byte_for_byte(storage):
+    from rainer_server.storage import page_of_heads
+    from rainer_server.storage import paged_heads
+
+    _page_storage(storage)
+    assert _keys(page_of_heads(storage, prefix="a")) == ["a", "a%b", "a_b", "ab"]
+    assert _keys(page_of_heads(storage, prefix="a%")) == ["a%b"]  # not a wildcard
+    assert _keys(page_of_heads(storage, prefix="a_")) == ["a_b"]
+    assert _keys(page_of_heads(storage, prefix="A")) == ["Ab"]  # case matters
+    assert _keys(page_of_heads(storage, prefix="web.pool")) == ["web.pool", "web.pools"]
+    assert _keys(page_of_heads(storage, prefix="é")) == ["é"]
+    assert _keys(page_of_heads(storage, contains="b.1")) == ["b.1", "b.10"]
+    assert _keys(page_of_heads(storage, contains="B")) == []
+    assert _keys(page_of_heads(storage, contains="%")) == ["a%b"]
+    assert _keys(page_of_heads(storage, prefix="web", contains="s")) == ["web.pools"]
+    assert paged_heads(storage).heads_count("b.", "", False) == 2
+    assert paged_heads(storage).heads_count("", "pool", False) == 2
+
+
+def test_pages_of_heads_leave_out_what_the_caller_may_not_read(storage):
+    from rainer_server.storage import page_of_heads
+
+    _page_storage(storage)
+    for n in range(300):
+        storage.save(Commit(f"hidden.{n:03d}", 1, b"1", "alice", "", T0))
+    visible = lambda key: not key.startswith("hidden.")  # noqa: E731
+    first = page_of_heads(storage, limit=3, visible=visible, prefix="h")
+    assert first.rows == [] and not first.has_next
+    page = page_of_heads(storage, limit=5, visible=visible, after="b.2")
+    assert _keys(page) == ["web.pool", "web.pools", "é"] and not page.has_next
+    back = page_of_heads(storage, limit=2, visible=visible, before="web.pools")
+    assert _keys(back) == ["b.10", "web.pool"] and back.has_previous

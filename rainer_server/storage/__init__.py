@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol
 from typing import runtime_checkable
 
@@ -98,3 +100,148 @@ def with_pre_save_hook(storage: CommitStorage, hook: Callable[[Commit], object])
 def with_post_save_hook(storage: CommitStorage, hook: Callable[[Commit], object]) -> CommitStorage:
     """Wrap ``storage`` so that ``hook(commit)`` runs after each *successful* save."""
     return _PostSaveHookStorage(storage, hook)
+
+
+# ---------------------------------------------------------------------- pages of heads
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeadSummary:
+    """A key's newest commit without its payload: what a table of keys shows."""
+
+    key: str
+    version: int
+    author: str
+    mtime: datetime
+    #: The payload's length in bytes; ``None`` for a tombstone.
+    size: int | None
+
+    @property
+    def empty(self) -> bool:
+        return self.size is None
+
+    @classmethod
+    def of(cls, commit: Commit) -> HeadSummary:
+        size = None if commit.payload is None else len(commit.payload)
+        return cls(commit.key, commit.version, commit.author, commit.mtime, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsPage:
+    """One page of heads in key order (byte order of the UTF-8 keys)."""
+
+    rows: list[HeadSummary]
+    #: Whether there are keys before the first row and after the last one.
+    has_previous: bool
+    has_next: bool
+
+
+@runtime_checkable
+class PagedHeads(Protocol):
+    """A storage that can list heads a page at a time without reading them all (the journal
+    table does, from its primary key); any other storage is paged by ``heads()``."""
+
+    def heads_page(
+        self,
+        prefix: str,
+        contains: str,
+        include_empty: bool,
+        after: str | None,
+        before: str | None,
+        limit: int,
+    ) -> list[HeadSummary]:
+        """At most ``limit`` heads in key order whose key starts with ``prefix`` and holds
+        ``contains``, only keys above ``after``, or else the last ones below ``before``."""
+
+    def heads_count(self, prefix: str, contains: str, include_empty: bool) -> int:
+        """How many heads ``heads_page`` would go through."""
+
+
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8")
+
+
+def _matches(key: str, prefix: str, contains: str) -> bool:
+    return key.startswith(prefix) and contains in key
+
+
+class _HeadsOfStorage:
+    """``PagedHeads`` over any storage: every head read and sorted, for each page."""
+
+    def __init__(self, storage: CommitStorage) -> None:
+        self.storage = storage
+
+    def _sorted(self, prefix: str, contains: str, include_empty: bool) -> list[Commit]:
+        heads = self.storage.heads() if include_empty else self.storage.heads_non_empty()
+        found = [c for k, c in heads.items() if _matches(k, prefix, contains)]
+        return sorted(found, key=lambda c: _key_bytes(c.key))
+
+    def heads_page(
+        self,
+        prefix: str,
+        contains: str,
+        include_empty: bool,
+        after: str | None,
+        before: str | None,
+        limit: int,
+    ) -> list[HeadSummary]:
+        commits = self._sorted(prefix, contains, include_empty)
+        if after is not None:
+            commits = [c for c in commits if _key_bytes(c.key) > _key_bytes(after)]
+            return [HeadSummary.of(c) for c in commits[:limit]]
+        if before is not None:
+            commits = [c for c in commits if _key_bytes(c.key) < _key_bytes(before)]
+            return [HeadSummary.of(c) for c in commits[-limit:]] if limit else []
+        return [HeadSummary.of(c) for c in commits[:limit]]
+
+    def heads_count(self, prefix: str, contains: str, include_empty: bool) -> int:
+        return len(self._sorted(prefix, contains, include_empty))
+
+
+def paged_heads(storage: CommitStorage) -> PagedHeads:
+    """``storage`` itself when it pages heads, else a pager reading ``heads()``."""
+    return storage if isinstance(storage, PagedHeads) else _HeadsOfStorage(storage)
+
+
+def page_of_heads(
+    storage: CommitStorage,
+    *,
+    prefix: str = "",
+    contains: str = "",
+    include_empty: bool = False,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int = 50,
+    visible: Callable[[str], bool] | None = None,
+) -> HeadsPage:
+    """A page of at most ``limit`` heads, in key order, after the key ``after`` (or the page
+    ending before ``before``), leaving out keys ``visible`` says no to (access control).
+
+    Reads what one page needs, not every head, from a storage that pages (``PagedHeads``).
+    """
+    pager = paged_heads(storage)
+    backwards = before is not None and after is None
+    cursor = before if backwards else after
+    wanted = limit + 1  # one more than a page: is there another page?
+    rows: list[HeadSummary] = []
+    while len(rows) < wanted:
+        # Filtering may drop rows: ask for more than missing, but never unboundedly many.
+        asked = wanted - len(rows) if visible is None else max(wanted, 200)
+        if backwards:
+            batch = pager.heads_page(prefix, contains, include_empty, None, cursor, asked)
+        else:
+            batch = pager.heads_page(prefix, contains, include_empty, cursor, None, asked)
+        kept = [row for row in batch if visible is None or visible(row.key)]
+        if backwards:
+            rows = kept + rows
+            cursor = batch[0].key if batch else cursor
+        else:
+            rows += kept
+            cursor = batch[-1].key if batch else cursor
+        if len(batch) < asked:
+            break
+    if backwards:
+        more = len(rows) > limit
+        return HeadsPage(rows[-limit:] if limit else [], has_previous=more, has_next=True)
+    more = len(rows) > limit
+    return HeadsPage(rows[:limit], has_previous=after is not None, has_next=more)

@@ -45,6 +45,7 @@ from rainer_server.errors import ConfigurationError
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import StorageUnavailable
 from rainer_server.payloads import KeyValueDeserialization
+from rainer_server.storage import HeadSummary
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,11 @@ class _KeyField(Field):
     # "a " and "á" one key.
     field_type = "VARBINARY(255)"
 
-    def db_value(self, value: str | None) -> bytes | None:
-        return None if value is None else value.encode("utf-8")
+    def db_value(self, value: str | bytes | None) -> bytes | None:
+        # Bytes are compared as they are: a bound of a key range need not be a key.
+        if value is None or isinstance(value, bytes):
+            return value
+        return value.encode("utf-8")
 
     def python_value(self, value: bytes | str | None) -> str | None:
         if value is None or isinstance(value, str):
@@ -385,6 +389,65 @@ class DbCommitStorage:
         query = query.order_by(self._row.version.desc()).limit(limit)
         rows = self._run(lambda: self.database.execute_sql(*query.sql()).fetchall())
         return [self._to_commit(row) for row in rows]
+
+    def heads_page(
+        self,
+        prefix: str,
+        contains: str,
+        include_empty: bool,
+        after: str | None,
+        before: str | None,
+        limit: int,
+    ) -> list[HeadSummary]:
+        """At most ``limit`` heads in key order (byte order), read from the front of the
+        primary key: a page costs the same with 100 keys or 100,000. Payload sizes, not
+        payloads."""
+        row = self._row
+        query = (
+            row.select(row.key, row.version, row.author, row.mtime, peewee.fn.LENGTH(row.payload))
+            .where(self._heads_where(prefix, contains, include_empty))
+        )
+        if after is not None:
+            query = query.where(row.key > after).order_by(row.key).limit(limit)
+        elif before is not None:
+            query = query.where(row.key < before).order_by(row.key.desc()).limit(limit)
+        else:
+            query = query.order_by(row.key).limit(limit)
+        rows = list(self._run(lambda: self.database.execute_sql(*query.sql()).fetchall()))
+        if before is not None and after is None:
+            rows.reverse()
+        return [
+            HeadSummary(
+                bytes(key).decode("utf-8") if not isinstance(key, str) else key,
+                version,
+                author,
+                self._from_db_mtime(mtime),
+                None if size is None else int(size),
+            )
+            for key, version, author, mtime, size in rows
+        ]
+
+    def heads_count(self, prefix: str, contains: str, include_empty: bool) -> int:
+        query = self._row.select(peewee.fn.COUNT(SQL("*"))).where(
+            self._heads_where(prefix, contains, include_empty)
+        )
+        return int(self._run(query.scalar))
+
+    def _heads_where(self, prefix: str, contains: str, include_empty: bool) -> Any:
+        row = self._row
+        condition = row.is_head == True  # noqa: E712 (peewee expression)
+        if not include_empty:
+            condition &= row.is_empty == False  # noqa: E712
+        if prefix:
+            # A range of the primary key, byte for byte (LIKE would be case-insensitive on
+            # SQLite and read "%" and "_" as wildcards). No UTF-8 byte is 0xff, so every key
+            # starting with the prefix sorts below prefix + 0xff.
+            encoded = prefix.encode("utf-8")
+            condition &= (row.key >= prefix) & (row.key < encoded + b"\xff")
+        if contains:
+            # INSTR compares bytes on both databases (the key column is binary).
+            condition &= peewee.fn.INSTR(row.key, contains.encode("utf-8")) > 0
+        return condition
 
     def _heads(self, include_empty: bool) -> dict[str, Commit]:
         if include_empty:

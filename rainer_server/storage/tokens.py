@@ -147,7 +147,11 @@ class DbTokenStore:
 
     def identify(self, token: str) -> str | None:
         """The identity ``token`` names, or ``None`` for a wrong, expired or revoked token."""
-        digest = token_digest(token)
+        return self.identify_digest(token_digest(token))
+
+    def identify_digest(self, digest: str) -> str | None:
+        """As ``identify``, from the token's digest (what the console's session keeps: a
+        session cookie must not carry the token itself)."""
         now_mono = time.monotonic()
         cached = self._cache.get(digest)
         if cached is None or now_mono - cached[0] > CACHE_SECONDS:

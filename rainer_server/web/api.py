@@ -16,19 +16,19 @@ from flask import Response
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
-from rainer_server import audit
-from rainer_server.audit import escape_controls
 from rainer_server.commit import Commit
-from rainer_server.commit import MAX_VERSION
-from rainer_server.commit import now
 from rainer_server.commit import parse_canonical_version
-from rainer_server.commit import parse_mtime
 from rainer_server.commit import parse_version
 from rainer_server.commit import validate_key
+from rainer_server.diff import DEFAULT_CONTEXT
+from rainer_server.diff import diff_lines
+from rainer_server.diff import side_name
+from rainer_server.diff import unified_text
 from rainer_server.errors import AccessDenied
 from rainer_server.errors import AuthenticationRequired
 from rainer_server.errors import CommitNotFound
 from rainer_server.errors import CommitOrderingError
+from rainer_server.errors import CsrfRejected
 from rainer_server.errors import InvalidCommit
 from rainer_server.errors import PayloadRejected
 from rainer_server.errors import PayloadTooLarge
@@ -39,7 +39,9 @@ from rainer_server.headers import HEADER_ENCODING
 from rainer_server.headers import is_percent_encoded
 from rainer_server.metrics import metrics
 from rainer_server.web.auth import Caller
-from rainer_server.web.auth import request_id
+from rainer_server.web.commits import check_write
+from rainer_server.web.commits import save_commit
+from rainer_server.web.commits import sign
 from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import CACHED
@@ -362,78 +364,102 @@ def get_version_meta(key: str, version: str) -> Response:
     return _json(_found(_may_read(key), number).meta)
 
 
+@bp.get("/<key>/diff")
+def get_diff(key: str) -> Response:
+    """The unified diff of two versions of ``key`` (``text/plain``, or JSON lines with
+    ``format=json``): ``to`` defaults to the head, ``from`` to the version before ``to``."""
+    key = _may_read(_key(key))
+    to_version = _positive_int_parameter("to", None)
+    from_version = _positive_int_parameter("from", None)
+    context = _int_parameter("context", DEFAULT_CONTEXT, 0, 100_000)
+    answer_json = _format_parameter()
+    new = _found(key, to_version)
+    if from_version is None:
+        # Contiguous versions: the one before always exists (none before version 1).
+        old = _found(key, new.version - 1) if new.version > 1 else None
+    else:
+        old = _found(key, from_version)
+    lines = diff_lines(old.payload if old else None, new.payload, context)
+    if answer_json:
+        return _json({
+            "key": key,
+            "from": old.meta if old is not None else None,
+            "to": new.meta,
+            "lines": [line.as_json() for line in lines],
+        })
+    text = unified_text(lines, side_name(key, old), side_name(key, new), always_header=True)
+    return Response(text, 200, mimetype="text/plain")
+
+
+def _int_parameter(name: str, default: int, low: int, high: int) -> int:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    value = parse_version(text.strip())
+    if value is None or not low <= value <= high:
+        raise InvalidCommit(
+            f"Invalid '{name}' parameter (should be an integer from {low} to {high})"
+        )
+    return value
+
+
+def _format_parameter() -> bool:
+    """Whether ``?format=`` asks for JSON (``text``, the default, or ``json``)."""
+    value = request.args.get("format", "text").strip().lower()
+    if value not in ("text", "json"):
+        raise InvalidCommit("Invalid 'format' parameter (should be text or json)")
+    return value == "json"
+
+
 @bp.post("/<key>/<version>")
 def post_commit(key: str, version: str) -> Response:
+    """Commit version ``version`` of ``key``: the body as the payload; with ``revert_to=V``
+    (and an empty body) version V's payload; with ``dry_run=yes`` every check and no write.
+
+    The rules are ``web/commits.py``'s, which the console's changes follow as well.
+    """
     rainer = get_rainer()
     key = _key(key)
     number = _version(version)
-    gate = rainer.gate
-    caller = gate.check(request.environ, key, write=True, version=number)
+    environ = request.environ
+    caller = check_write(rainer, environ, key, number)
     header_key = _request_header("X-Rainer-Key")
     if header_key is not None and header_key != key:
         raise InvalidCommit("X-Rainer-Key must match URL key, or be omitted")
     header_version = request.headers.get("X-Rainer-Version")
     if header_version is not None and parse_canonical_version(header_version.strip()) != number:
         raise InvalidCommit("X-Rainer-Version must match URL version, or be omitted")
-    author = _request_header("X-Rainer-Author")
-    mtime_header = request.headers.get("X-Rainer-Modified-Time")
-    identity = caller.identity
-    if identity is not None and not gate.policy.may_act_as(identity):
-        # The author is a fact, not a claim: who authenticated, unless trusted to say so.
-        if author is not None and author != identity:
-            gate.refuse(request.environ, caller, key, number, "denied", "author is not the caller")
-            raise AccessDenied(f"Author must be {identity}")
-        if mtime_header is not None:
-            gate.refuse(request.environ, caller, key, number, "denied", "sets the time")
-            raise AccessDenied("Only act_as identities may set X-Rainer-Modified-Time")
-    if author is None:
-        if identity is None:
-            raise InvalidCommit("Missing header: X-Rainer-Author")
-        author = identity
-    comment = _request_header("X-Rainer-Comment") or ""
+    signature = sign(
+        rainer,
+        environ,
+        caller,
+        key,
+        number,
+        _request_header("X-Rainer-Author"),
+        request.headers.get("X-Rainer-Modified-Time"),
+    )
+    comment = _request_header("X-Rainer-Comment")
     empty = _boolean(request.headers.get("X-Rainer-Empty"), "X-Rainer-Empty", "header")
-    try:
-        mtime = now() if mtime_header is None else parse_mtime(mtime_header)
-    except ValueError:
-        raise InvalidCommit(
-            "Malformed header: X-Rainer-Modified-Time (expected ISO-8601, "
-            "e.g. 2014-01-01T00:00:00.000Z)"
-        ) from None
+    revert_to = _positive_int_parameter("revert_to", None)
+    dry_run = _boolean(request.args.get("dry_run"), "dry_run")
     body = _read_body(rainer.settings.max_payload_bytes)
     if empty and body:
         raise InvalidCommit("Empty payload required with X-Rainer-Empty")
-    if not 1 <= number <= MAX_VERSION:
-        # Never the next version: answer as any other out-of-order write.
-        head = rainer.database_storage.get(key)
-        raise CommitOrderingError(key, (head.version if head else 0) + 1, number)
-    if not empty:
-        # Validation is deserializing with the format readers use; the value is not kept.
-        rainer.payloads.deserialize(key, body)
-    commit = Commit(
-        key, number, None if empty else body, author, comment, mtime, identity=identity or ""
-    )
-    rainer.storage.save(commit)
-    metrics().commits_saved.inc()
-    audit.record(
-        decision="committed",
-        identity=identity,
-        peer=request.remote_addr,
-        method="POST",
-        key=key,
-        version=number,
-        reason=None,
-        request_id=request_id(request.environ),
-    )
-    # Who changed what, never the payload itself (it may hold secrets): its size only.
-    # The author may hold anything, a line break included: escaped, it cannot forge a line.
-    log.info(
-        "Saved commit %s version %s by %s (%s)",
+    commit = save_commit(
+        rainer,
+        environ,
         key,
         number,
-        escape_controls(author),
-        "empty" if empty else f"{len(body)} bytes",
+        signature,
+        None if empty else body,
+        comment,
+        revert_to=revert_to,
+        dry_run=dry_run,
     )
-    return _json(commit.meta)
+    response = _json(commit.meta)
+    if dry_run:
+        response.headers["X-Rainer-Dry-Run"] = "yes"
+    return response
 
 
 # ---------------------------------------------------------------------- errors
@@ -491,6 +517,12 @@ def _denied(exc: AccessDenied) -> Response:
 
 @bp.errorhandler(InvalidCommit)
 def _invalid(exc: InvalidCommit) -> Response:
+    return _error(400, str(exc))
+
+
+@bp.errorhandler(CsrfRejected)
+def _csrf_rejected(exc: CsrfRejected) -> Response:
+    # Raised by the console's forms, which answer with a page of their own; never an API call.
     return _error(400, str(exc))
 
 

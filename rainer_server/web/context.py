@@ -57,6 +57,8 @@ class RainerContext:
         self.zk_client: Any = None
         self.rainers: Rainers | None = None
         self.mirror: CommitMirror | None = None
+        # Signs the console's session cookies (an itsdangerous serializer), when it is on.
+        self.console_sessions: Any = None
 
     # ------------------------------------------------------------------ storage
 

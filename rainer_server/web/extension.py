@@ -1,7 +1,7 @@
 """The Flask extension: ``Rainer(app)`` or ``Rainer().init_app(app)`` mounts Rainer on any app.
 
-It reads the settings, registers the API, the health and metrics endpoints and the
-``flask rainer`` commands, and wraps the app in the mirror-read and request-metrics
+It reads the settings, registers the API, the web console, the health and metrics endpoints
+and the ``flask rainer`` commands, and wraps the app in the mirror-read and request-metrics
 middleware. The state it serves from is a ``RainerContext`` (``web/context.py``).
 """
 
@@ -26,6 +26,7 @@ from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import open_database
 from rainer_server.web import admin
 from rainer_server.web import api
+from rainer_server.web import console
 from rainer_server.web import health
 from rainer_server.web.auth import open_gate
 from rainer_server.web.context import RainerContext
@@ -76,6 +77,8 @@ class Rainer(RainerContext):
         audit.configure(self.settings.audit_log)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)
+        if self.settings.ui:
+            console.register(app, self)
         if self.settings.health_routes:
             # /healthz, /readyz, /metrics: on the app, outside the API prefix.
             health.register(app)

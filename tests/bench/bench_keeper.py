@@ -688,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = {
             "rainer": Gunicorn("rainer", "wsgi:app", env, args.workers, workdir),
             "rainer_auth": Gunicorn("rainer_auth", "wsgi:app",
-                                    {**env, "RAINER_AUTH": "token", "RAINER_POLICY": str(policy)},
+                                    {**env, "RAINER_AUTH": "token", "RAINER_POLICY": str(policy),
+                                     "RAINER_SECRET_KEY": "bench-only-secret-key-0123456789abcdef"},
                                     args.workers, workdir),
             "flask_dict": Gunicorn("flask_dict", f"{FLOOR_MODULE}:flask_dict", env,
                                    args.workers, workdir),
