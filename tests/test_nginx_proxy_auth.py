@@ -194,6 +194,8 @@ class Site:
                 "RAINER_TEST_LOG_DIR": str(self.tmp_path),
                 "RAINER_AUTH": self.auth,
                 "RAINER_POLICY": str(policy),
+                # The console is on by default; with auth on it needs a key to sign cookies.
+                "RAINER_SECRET_KEY": "test-only-secret-key-0123456789abcdef",
             },
             workers=2,
         )
