@@ -100,3 +100,29 @@ def test_a_journal_from_an_earlier_version_is_migrated_keeping_every_row(db_stor
     # Starting again changes nothing.
     again.start()
     assert list(again.verify()) == []
+
+
+def test_startup_migrates_an_earlier_journal_before_any_request(app_config):
+    from rainer_server import create_app
+    from rainer_server.storage.db import open_database
+    from rainer_server.web.context import get_rainer
+
+    url = app_config["RAINER_DATABASE_URL"]
+    table = app_config.get("RAINER_TABLE", "rainer")
+    storage = DbCommitStorage(open_database(url), table)
+    storage.start()
+    _save(storage, "a", 3)
+    for column in ("chain", "identity"):
+        storage.database.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+    storage.stop()
+
+    app = create_app({"TESTING": True, **app_config})
+    try:
+        get_rainer(app).check_database()  # what rainer_server.wsgi does in gunicorn's master
+        fresh = DbCommitStorage(open_database(url), table)
+        columns = {c.name for c in fresh.database.get_columns(table)}
+        assert {"identity", "chain"} <= columns
+        assert list(fresh.verify()) == [] and fresh.get("a").version == 3
+        fresh.stop()
+    finally:
+        app.extensions["rainer"].close()

@@ -74,6 +74,8 @@ _DISCONNECT_CODES = {0, 2006, 2013, 2014, 2045, 2055, 4031}
 _DEADLOCK = 1213
 _LOST_RACE_CODES = {1205, _DEADLOCK}
 _DEADLOCK_RETRIES = 3
+#: Rows whose chain one statement batch of a migration writes.
+_MIGRATION_BATCH = 2000
 # MySQL errors at connect that no retry cures: access denied to the database (1044), for the
 # user (1045, and MariaDB's 1698 for a user it will not let in without a password), the host
 # may not connect at all (1130), unknown database (1049). Anything else (2003 refused, 2005
@@ -310,33 +312,41 @@ class DbCommitStorage:
                 log.warning("Adding column %s to journal table %s", field.column_name, self.table_name)
                 ddl = f"ALTER TABLE {self._quoted_table()} ADD COLUMN {self._column_ddl(field)}"
                 self.database.execute_sql(ddl)
-        # Chains of rows written before chains existed, oldest first per key.
-        missing = (
-            row.select(row.key)
-            .where(row.chain.is_null())
-            .distinct()
-        )
-        keys = [bytes(k).decode("utf-8") if not isinstance(k, str) else k for (k,) in missing.tuples()]
-        if keys:
-            log.warning("Computing the tamper-evident chain of %d keys in %s", len(keys), self.table_name)
-        for key in keys:
+        # Chains of rows written before chains existed: one pass over the journal in key,
+        # version order, each link computed from the previous row's, the missing ones written
+        # in batches (a journal of 500k rows migrates in one pass, not a query per row).
+        row = self._row
+        has_missing = row.select(row.key).where(row.chain.is_null()).limit(1).exists()
+        if not has_missing:
+            return
+        log.warning("Computing the tamper-evident chain of the rows in %s", self.table_name)
+        query = row.select(*self._fields, row.chain).order_by(row.key, row.version)
+        rows = self.database.execute_sql(*query.sql()).fetchall()
+        update = _sql(row.update(chain="c").where((row.key == "k") & (row.version == 1)))
+        pending: list[tuple[str, bytes, int]] = []
+        current_key, previous, written = None, GENESIS, 0
+        for values in rows:
+            commit = self._to_commit(values[:-1])
+            if commit.key != current_key:
+                current_key, previous = commit.key, GENESIS
+            if values[-1] is None:
+                previous = link(previous, commit)
+                pending.append((previous, commit.key.encode("utf-8"), commit.version))
+            else:
+                previous = values[-1]
+            if len(pending) >= _MIGRATION_BATCH:
+                written += self._write_chains(update, pending)
+        written += self._write_chains(update, pending)
+        log.warning("Chained %d rows of %s", written, self.table_name)
+
+    def _write_chains(self, update: str, pending: list[tuple[str, bytes, int]]) -> int:
+        count = len(pending)
+        if pending:
             with self.database.atomic():
-                previous = GENESIS
-                query = (
-                    row.select(*self._fields, row.chain)
-                    .where(row.key == key)
-                    .order_by(row.version)
-                )
-                for values in query.tuples():
-                    commit = self._to_commit(values[:-1])
-                    expected = link(previous, commit)
-                    if values[-1] is None:
-                        row.update(chain=expected).where(
-                            (row.key == key) & (row.version == commit.version)
-                        ).execute()
-                        previous = expected
-                    else:
-                        previous = values[-1]
+                cursor = self.database.cursor()
+                cursor.executemany(update, pending)
+            pending.clear()
+        return count
 
     def _quoted_table(self) -> str:
         quote = self.database.quote or '""'

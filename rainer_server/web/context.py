@@ -15,6 +15,7 @@ from flask import current_app
 
 from rainer_server import metrics
 from rainer_server.errors import ConfigurationError
+from rainer_server.errors import StorageUnavailable
 from rainer_server.payloads import Payloads
 from rainer_server.payloads import make_payloads
 from rainer_server.settings import Settings
@@ -113,6 +114,17 @@ class RainerContext:
                 "answers): %s",
                 problem,
             )
+            return
+        # Create the journal, or bring an earlier one up to date, now rather than in the
+        # first request (chaining a big old journal takes a while), then let go of the
+        # connection before gunicorn forks.
+        storage = self.open_storage()
+        try:
+            storage.start()
+        except StorageUnavailable as exc:
+            log.warning("Cannot prepare the journal at startup: %s", exc.detail or exc)
+        finally:
+            storage.stop()
 
     # ------------------------------------------------------------------ ZooKeeper
 

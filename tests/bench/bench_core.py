@@ -125,6 +125,8 @@ def seed(db_url: str) -> dict[str, float]:
     """Fill the tables through DbCommitStorage's own model; return seconds per table."""
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
+    from rainer_server.chain import GENESIS
+    from rainer_server.chain import link
 
     database = open_database(db_url)
     timings = {}
@@ -138,17 +140,20 @@ def seed(db_url: str) -> dict[str, float]:
             # (so the key/mtime/payload conversions are the storage's own).
             columns = [
                 row.key, row.version, row.author, row.comment,
-                row.mtime, row.is_empty, row.is_head, row.payload,
+                row.mtime, row.is_empty, row.is_head, row.payload, row.chain,
             ]
             batch: list[tuple] = []
             with database.atomic():
                 for i in range(nkeys):
                     key = key_name(i)
                     last = versions_of(i)
+                    # Chained as the storage would chain them: no migration on first start.
+                    chain = GENESIS
                     for version in range(1, last + 1):
                         c = seed_commit(key, version, i)
+                        chain = link(chain, c)
                         batch.append((c.key, c.version, c.author, c.comment, c.mtime, c.empty,
-                                      version == last, c.payload))
+                                      version == last, c.payload, chain))
                         if len(batch) >= 2000:
                             row.insert_many(batch, fields=columns).execute()
                             batch.clear()

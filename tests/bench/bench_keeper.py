@@ -107,6 +107,8 @@ def seed(db_url: str) -> float:
     """10k keys x 1 version through DbCommitStorage's own model (bulk), checked on a sample."""
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
+    from rainer_server.chain import GENESIS
+    from rainer_server.chain import link
 
     started = time.perf_counter()
     database = open_database(db_url)
@@ -115,13 +117,14 @@ def seed(db_url: str) -> float:
         storage.start()
         row = storage._row
         columns = [row.key, row.version, row.author, row.comment, row.mtime, row.is_empty,
-                   row.is_head, row.payload]
+                   row.is_head, row.payload, row.chain]
         with database.atomic():
             batch = []
             for i in range(NKEYS):
                 c = seed_commit(i)
+                # Chained as the storage would chain it: no migration on first start.
                 batch.append((c.key, c.version, c.author, c.comment, c.mtime, c.empty, True,
-                              c.payload))
+                              c.payload, link(GENESIS, c)))
                 if len(batch) >= 2000:
                     row.insert_many(batch, fields=columns).execute()
                     batch.clear()

@@ -44,6 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rainer_server.chain import GENESIS  # noqa: E402
+from rainer_server.chain import link  # noqa: E402
+from rainer_server.commit import Commit  # noqa: E402
 from rainer_server.zk.keeper import CommitKeeper  # noqa: E402
 from rainer_server.zk.keeper import make_kazoo_client  # noqa: E402
 from rainer_server.zk.publisher import AutoPublisher  # noqa: E402
@@ -73,15 +76,17 @@ def load(storage: DbCommitStorage, keys: int, versions: int) -> float:
     started = time.perf_counter()
     db = storage.database
     table = storage.table_name
-    mtime = datetime(2026, 1, 1, tzinfo=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.000")
+    moment = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    mtime = moment.strftime("%Y-%m-%d %H:%M:%S.000")
     sql_head = (
-        f"INSERT INTO {table} (`key`, version, author, comment, mtime, is_empty, is_head, payload) VALUES "
+        f"INSERT INTO {table} (`key`, version, author, comment, mtime, is_empty, is_head, payload, "
+        "chain) VALUES "
     )
     rows: list[tuple] = []
 
     def flush() -> None:
         if rows:
-            placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+            placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
             db.execute_sql(sql_head + placeholders, [v for row in rows for v in row])
             rows.clear()
 
@@ -89,11 +94,16 @@ def load(storage: DbCommitStorage, keys: int, versions: int) -> float:
     with db.atomic():
         for k in range(keys):
             key = f"service-{k:06d}.settings"
+            # Chained as the storage would chain them: no migration on first start.
+            chain = GENESIS
             for v in range(1, versions + 1):
                 payload = json.dumps(
                     {"key": key, "version": v, "pool": {"min": 4, "max": 64}, "flags": ["a", "b"], "pad": "x" * 20}
                 ).encode()
-                rows.append((key.encode(), v, "bench", "load", mtime, False, v == versions, payload))
+                chain = link(chain, Commit(key, v, payload, "bench", "load", moment))
+                rows.append(
+                    (key.encode(), v, "bench", "load", mtime, False, v == versions, payload, chain)
+                )
                 if len(rows) >= BATCH:
                     flush()
         flush()
