@@ -135,9 +135,10 @@ def open_database(url: str) -> peewee.Database:
         # A pooled connection serves one request at a time, but not always on the thread
         # that opened it.
         params["check_same_thread"] = False
-        pooled: peewee.Database = _PooledSqlite(
-            database.database, pragmas=_SQLITE_PRAGMAS, timeout=database._timeout, **params
-        )
+        pooled: peewee.Database = _PooledSqlite(database.database, pragmas=_SQLITE_PRAGMAS, **params)
+        # The pool's ``timeout`` is how long to wait for a free connection; SQLite's (the busy
+        # handler) has the same name, so it is set apart.
+        pooled._timeout = database._timeout
     else:
         pooled = _PooledMySQL(database.database, **params)
     return pooled
@@ -179,9 +180,12 @@ class _PooledSqlite(PooledSqliteDatabase):
 
 
 def release(database: peewee.Database) -> None:
-    """End this thread's (or greenlet's) use of ``database``: a pooled connection goes back
-    to the pool, a plain one is closed."""
-    if not database.is_closed():
+    """End this greenlet's use of a pooled ``database``: its connection goes back to the pool.
+
+    A plain (unpooled) database keeps its connection: it belongs to a real thread, which
+    reuses it for its next request, as a sync worker does.
+    """
+    if isinstance(database, peewee_pool_types()) and not database.is_closed():
         database.close()
 
 
@@ -453,9 +457,11 @@ class DbCommitStorage:
         then make sure the index and, on MySQL, the counter exist."""
         row = self._row
         execute = self.database.execute_sql
+        counter = self._quoted(self._counter_table)
+        if self._numbered():
+            return
         with self.database.atomic():
             if not self._is_sqlite:
-                counter = self._quoted(self._counter_table)
                 execute(
                     f"CREATE TABLE IF NOT EXISTS {counter} "
                     "(id INTEGER NOT NULL PRIMARY KEY, n BIGINT NOT NULL)"
@@ -494,6 +500,25 @@ class DbCommitStorage:
         if wanted._name not in indexes:
             log.warning("Adding the index %s to %s", wanted._name, self.table_name)
             self.database.execute(self._row._schema._create_index(wanted, safe=False))
+
+    def _numbered(self) -> bool:
+        """Whether every row has its index and the counter and index exist: the start of every
+        worker asks, so without taking a lock (locking reads here deadlocked with saves)."""
+        unnumbered = self._row.select(SQL("1")).where(self._row.commit_index.is_null()).limit(1)
+        if unnumbered.exists():
+            return False
+        indexes = {index.name for index in self.database.get_indexes(self.table_name)}
+        if peewee.ModelIndex(self._row, (self._row.commit_index,), unique=True)._name not in indexes:
+            return False
+        if self._is_sqlite:
+            return True
+        try:
+            found = self.database.execute_sql(
+                f"SELECT n FROM {self._quoted(self._counter_table)} WHERE id = 1"
+            ).fetchone()
+        except peewee.ProgrammingError:  # no counter table yet (MySQL error 1146)
+            return False
+        return found is not None
 
     def _quoted(self, name: str) -> str:
         quote = self.database.quote or '""'

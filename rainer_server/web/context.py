@@ -22,7 +22,9 @@ from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import DbCommitStorage
 from rainer_server.storage.db import check_database
 from rainer_server.storage.db import open_database
+from rainer_server.storage.db import release
 from rainer_server.web.auth import Gate
+from rainer_server.web.watch import WatchHub
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.keeper import make_kazoo_client
 from rainer_server.zk.mirror import CommitMirror
@@ -57,6 +59,7 @@ class RainerContext:
         self.zk_client: Any = None
         self.rainers: Rainers | None = None
         self.mirror: CommitMirror | None = None
+        self._watch_hub: WatchHub | None = None
 
     # ------------------------------------------------------------------ storage
 
@@ -87,6 +90,16 @@ class RainerContext:
         """A new, unstarted storage as the settings describe it."""
         return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
 
+    def release_connections(self) -> None:
+        """Give this greenlet's pooled database connections back (see ``release``): at the end
+        of every request, and before a request waits."""
+        database = getattr(self._database_storage, "database", None)
+        if database is not None:
+            release(database)
+        tokens = self.gate.tokens
+        if tokens is not None:
+            release(tokens.database)
+
     def check_database(self) -> None:
         """Connect to the configured database once and close again: refuse a setting the
         database will never accept, and only log one it cannot reach right now (requests then
@@ -115,12 +128,16 @@ class RainerContext:
     # ------------------------------------------------------------------ ZooKeeper
 
     def cached_view(self) -> CommitMirror | None:
-        """This process's mirror when it is complete, for cached reads; else ``None``."""
+        """This process's mirror when it is complete and the watch hub can place its commits
+        in the index (or cannot read the database at all: then the mirror still serves,
+        without indexes), for cached reads; else ``None``."""
         if not self.settings.zk_hosts:
             return None
         self.start_zookeeper()
-        mirror = self.mirror
-        return mirror if mirror is not None and mirror.initialized else None
+        mirror, hub = self.mirror, self._watch_hub
+        if mirror is None or not mirror.initialized or hub is None:
+            return None
+        return mirror if hub.ready or hub.failing else None
 
     def start_zookeeper(self) -> None:
         """Connect to ZooKeeper, open the mirror and join the publisher election.
@@ -154,6 +171,8 @@ class RainerContext:
             rainers.report_to(metrics.metrics().zookeeper, mirror)
             rainers.auto_publisher.start()
             self.zk_client, self.mirror, self.rainers = client, mirror, rainers
+            # With the mirror: its changes wake watchers, and place its commits in the index.
+            self._start_watching()
             log.info("Rainer connected to ZooKeeper at %s%s", settings.zk_hosts, settings.zk_path)
 
     def _ensure_database_storage_object(self) -> None:
@@ -161,10 +180,45 @@ class RainerContext:
         if self._database_storage is None:
             self._database_storage = self.open_storage()
 
+    # ------------------------------------------------------------------ watching
+
+    @property
+    def watch_hub(self) -> WatchHub:
+        """This process's notifier of new commits (started on first use, or with ZooKeeper)."""
+        hub = self._watch_hub
+        if hub is None:
+            self.start_zookeeper()
+            hub = self._start_watching()
+        return hub
+
+    def _start_watching(self) -> WatchHub:
+        with self._lock:
+            hub = self._watch_hub
+            if hub is None:
+                # The storage is started on the hub's thread: ZooKeeper's start (post_fork)
+                # must not wait for the database.
+                hub = self._watch_hub = WatchHub(lambda: self.database_storage, self.mirror)
+                hub.start()
+        return hub
+
+    def watching(self) -> WatchHub | None:
+        """The notifier when it has been started, else ``None`` (nothing is started)."""
+        return self._watch_hub
+
+    def stop_watching(self) -> None:
+        """Answer every waiting request now (shutdown, reload)."""
+        hub = self._watch_hub
+        if hub is not None:
+            hub.stop()
+
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
         """Leave the election, close the mirror and ZooKeeper, release the storage we opened."""
+        with self._lock:
+            hub, self._watch_hub = self._watch_hub, None
+        if hub is not None:
+            hub.stop()
         with self._lock:
             rainers, mirror, client = self.rainers, self.mirror, self.zk_client
             self.rainers = self.mirror = self.zk_client = None
