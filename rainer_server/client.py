@@ -677,3 +677,12 @@ class HttpCommitStorage:
 
     def save(self, commit: Commit) -> None:
         self.client.post_commit(commit.meta, commit.payload)
+
+    def last_index(self) -> int:
+        """The index of the newest commit the server lets this client see."""
+        return self.client.index()
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        """One page of the server's feed (see ``RainerClient.changes``)."""
+        _, commits = self.client.changes(since, prefix=prefix or None, limit=min(limit, MAX_FEED_PAGE))
+        return [c.to_commit().with_index(c.index) for c in commits]

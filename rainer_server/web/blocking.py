@@ -69,7 +69,11 @@ def wait_parameter(default: float | None) -> float | None:
         return None
     seconds += random.uniform(0, seconds / 16)
     environ = request.environ
-    if not cooperative() and environ.get("wsgi.multiprocess") and not environ.get("wsgi.multithread"):
+    if (
+        not cooperative()
+        and str(environ.get("SERVER_SOFTWARE", "")).startswith("gunicorn")
+        and not environ.get("wsgi.multithread")
+    ):
         seconds = min(seconds, SYNC_WORKER_WAIT)
     return seconds
 

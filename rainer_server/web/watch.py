@@ -8,7 +8,8 @@ waiter a new commit concerns. What wakes the hub:
 * with ZooKeeper, every change of this process's mirror (its watches see a commit made on any
   worker of any host within milliseconds), and a save made by this process;
 * always, a poll of the feed every ``poll_interval`` seconds: the only wake-up without
-  ZooKeeper, and the safety net with it (a commit ZooKeeper never got is still seen).
+  ZooKeeper (every 0.25 s), and the safety net with it (every second: a commit ZooKeeper
+  never got is still seen).
 
 With a mirror, the hub also knows every key's head (version, index, tombstone) as of its
 index, read once at start and then kept from the feed. The mirror carries no indexes (its
@@ -35,8 +36,11 @@ from rainer_server.storage.db import release
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two polls of the feed (the wake-up bound without ZooKeeper).
+#: Seconds between two polls of the feed: the wake-up bound without ZooKeeper...
 POLL_INTERVAL = 0.25
+#: ...and with it, where the mirror wakes the hub at once and the poll is only the safety net
+#: (a commit ZooKeeper never got); every worker of every host polls.
+MIRRORED_POLL_INTERVAL = 1.0
 #: Commits read per feed query while catching up.
 FEED_PAGE = 1000
 
@@ -71,10 +75,12 @@ class WatchHub:
     :param mirror: this process's ZooKeeper mirror, or ``None``.
     """
 
-    def __init__(self, storage: Any, mirror: Any = None, poll_interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, storage: Any, mirror: Any = None, poll_interval: float | None = None) -> None:
         self._storage = storage
         self.storage: Any = None
         self.mirror = mirror
+        if poll_interval is None:
+            poll_interval = POLL_INTERVAL if mirror is None else MIRRORED_POLL_INTERVAL
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
         self._poke = threading.Event()
