@@ -715,6 +715,78 @@ def _explain_conflict(
 
 @rainer.command()
 @click.argument("key", required=False)
+@click.option("--prefix", "-p", metavar="PREFIX", help="Watch every key starting with PREFIX.")
+@click.option("--index", type=click.IntRange(min=0), help="Start after this index (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (meta + index).")
+@click.option(
+    "--exec",
+    "command",
+    metavar="CMD",
+    help="Run CMD (with sh -c) on each change, with RAINER_KEY, RAINER_VERSION, RAINER_INDEX, "
+    "RAINER_EMPTY and RAINER_PAYLOAD_PATH (a file holding the payload) in its environment.",
+)
+@pass_session
+def watch(
+    session: Session,
+    key: str | None,
+    prefix: str | None,
+    index: int | None,
+    as_json: bool,
+    command: str | None,
+) -> None:
+    """Print one line per change of KEY (or of the keys under --prefix) as it happens.
+
+    INDEX<TAB>KEY<TAB>VERSION<TAB>AUTHOR<TAB>updated|deleted per change. A dropped connection
+    or a restarted server is retried, resuming where it stopped. Ctrl-C ends it.
+    """
+    if key is not None and prefix is not None:
+        raise click.UsageError("give a KEY or --prefix, not both")
+    if key is None and prefix is None:
+        raise click.UsageError("give a KEY or --prefix (--prefix '' watches every key)")
+    try:
+        for change in session.client.watch(key=key, prefix=prefix, index=index):
+            if as_json:
+                click.echo(json.dumps({**change.meta, "index": change.index}, ensure_ascii=False))
+            else:
+                what = "deleted" if change.empty else "updated"
+                author = change.author.replace("\t", " ").replace("\n", " ")
+                click.echo(f"{change.index}\t{change.key}\t{change.version}\t{author}\t{what}")
+            sys.stdout.flush()
+            if command is not None:
+                _run_on_change(command, change)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends: no traceback, and what was printed stands.
+        click.echo("", err=True)
+
+
+def _run_on_change(command: str, change: Commit) -> None:
+    """Run ``command`` for one change (as ``consul watch`` and confd handlers run): the key,
+    version and index in the environment, the payload in a file removed afterwards."""
+    fd, path = tempfile.mkstemp(prefix="rainer-watch-")
+    try:
+        with os.fdopen(fd, "wb") as payload:
+            payload.write(change.payload or b"")
+        environment = {
+            **os.environ,
+            "RAINER_KEY": change.key,
+            "RAINER_VERSION": str(change.version),
+            "RAINER_INDEX": str(change.index),
+            "RAINER_EMPTY": "yes" if change.empty else "no",
+            "RAINER_PAYLOAD_PATH": path,
+        }
+        status = subprocess.call(["/bin/sh", "-c", command], env=environment)
+        if status != 0:
+            click.echo(
+                f"rainer: {command!r} exited with status {status} for {change.key} "
+                f"version {change.version}",
+                err=True,
+            )
+    finally:
+        os.unlink(path)
+
+
+@rainer.command()
+@click.argument("key", required=False)
 @pass_session
 def whoami(session: Session, key: str | None) -> None:
     """Print the identity the server sees for your credentials, and what it may do on KEY."""

@@ -17,6 +17,7 @@ import binascii
 import errno
 import http.client
 import json
+import random
 import time
 import urllib.error
 import urllib.parse
@@ -65,6 +66,13 @@ __all__ = [
 
 #: The server's largest history page (``GET /<key>/history?limit=``).
 MAX_HISTORY_PAGE = 1000
+#: The server's largest feed page (``GET /?changes_since=N&limit=``).
+MAX_FEED_PAGE = 1000
+#: How long one watching request waits on the server (it answers sooner on a change).
+WATCH_WAIT_SECONDS = 60.0
+#: Reconnecting after a failure waits this long, doubling up to ``WATCH_MAX_BACKOFF``.
+WATCH_BACKOFF = 0.5
+WATCH_MAX_BACKOFF = 30.0
 
 # Characters kept as they are in a key's URL path segment (RFC 3986 pchar): keys stay readable
 # in `rainer list`, and everything else ("?", "#", "%", spaces, non-ASCII) is percent-encoded.
@@ -404,6 +412,110 @@ class RainerClient:
                 return
             before = page[-1].version
 
+    # ------------------------------------------------------------------ watching
+
+    def index(self, key: str | None = None, prefix: str | None = None) -> int:
+        """The current index of ``key`` (its head's; 0 while it does not exist), or of the
+        listing under ``prefix`` (every key when ``None``): where a watch starts from."""
+        if key is not None:
+            url = self.commit_uri(key) + "/meta"
+            try:
+                _, headers, _ = self._request("GET", url, key=key)
+            except CommitNotFound:
+                return 0
+        else:
+            query = {"prefix": prefix} if prefix else {}
+            url = self.base_url + ("?" + urllib.parse.urlencode(query) if query else "")
+            _, headers, _ = self._request("GET", url)
+        number = parse_version((headers.get("X-Rainer-Index") or "").strip())
+        if number is None:
+            raise RainerHTTPError(200, "the server sends no X-Rainer-Index (too old?)", url)
+        return number
+
+    def changes(
+        self,
+        since: int = 0,
+        prefix: str | None = None,
+        limit: int | None = None,
+        wait: float | None = None,
+    ) -> tuple[int, list[RemoteCommit]]:
+        """One page of the feed: the commits after index ``since`` (of keys starting with
+        ``prefix``), oldest first, tombstones included, each with its ``index`` and payload;
+        and the index to ask from next. With ``wait`` (seconds), the server answers once there
+        is at least one (or after ``wait``, with none).
+
+        Every commit after ``since`` comes exactly once, in order, over successive pages,
+        whenever they are asked for: the journal keeps every version.
+        """
+        query: dict[str, Any] = {"changes_since": int(since), "payload_base64": "yes"}
+        if prefix:
+            query["prefix"] = prefix
+        if limit is not None:
+            query["limit"] = int(limit)
+        timeout = self.timeout
+        if wait is not None:
+            query["wait"] = f"{max(0.0, wait):g}s"
+            # The server waits up to wait + wait/16 before it says anything.
+            timeout = self.timeout + wait * 17 / 16
+        url = self.base_url + "?" + urllib.parse.urlencode(query)
+        answer = self._json("GET", url, timeout=timeout)
+        try:
+            position = int(answer["index"])
+            entries = list(answer["changes"])
+        except (KeyError, TypeError, ValueError):
+            raise RainerHTTPError(200, f"not a feed page: {_snippet(json.dumps(answer).encode())}", url) from None
+        commits = [
+            self._commit_from_listing(entry).with_index(int(entry["index"])) for entry in entries
+        ]
+        return position, commits
+
+    def watch(
+        self,
+        key: str | None = None,
+        prefix: str | None = None,
+        index: int | None = None,
+        *,
+        wait: float = WATCH_WAIT_SECONDS,
+        sleep: Any = time.sleep,
+    ) -> Iterator[RemoteCommit]:
+        """Yield each change of ``key`` (or of the keys under ``prefix``; every key when both
+        are ``None``) as it happens, tombstones included, each with its ``index``, forever.
+
+        Starts after ``index`` (default: now). A dropped connection, a server restart or a
+        503 is retried with backoff (0.5 s doubling to 30 s, with jitter), and the watch
+        resumes from the last index it yielded: no change is lost or repeated. Errors that
+        retrying cannot cure (401, 403, 400) are raised.
+        """
+        if key is not None and prefix is not None:
+            raise ValueError("watch a key or a prefix, not both")
+        position = index
+        backoff = WATCH_BACKOFF
+        while True:
+            try:
+                if position is None:
+                    position = self.index(key=key, prefix=prefix)
+                # A key is watched through the feed of its name as a prefix, keeping only it.
+                after, commits = self.changes(
+                    position, prefix=key if key is not None else prefix, wait=wait
+                )
+            except (RainerConnectionError, RainerUnavailable):
+                sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, WATCH_MAX_BACKOFF)
+                continue
+            except RainerHTTPError as exc:
+                if exc.status < 500:
+                    raise
+                sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, WATCH_MAX_BACKOFF)
+                continue
+            backoff = WATCH_BACKOFF
+            for commit in commits:
+                # Advanced one commit at a time: a consumer that stops here resumes after it.
+                position = commit.index
+                if key is None or commit.key == key:
+                    yield commit
+            position = max(position or 0, after)
+
     # ------------------------------------------------------------------ plumbing
 
     def _list_url(self, all: bool, payloads: bool) -> str:
@@ -459,6 +571,7 @@ class RainerClient:
         headers: Mapping[str, Any] | None = None,
         key: str | None = None,
         version: int | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, Message, bytes]:
         """One request; a read is retried through a blip (503, a refused connection).
 
@@ -466,14 +579,14 @@ class RainerClient:
         makes that safe (the same commit again is refused, never stored twice).
         """
         if method != "GET" or self.retry_for <= 0:
-            return self._request_once(method, url, data, headers, key, version)
+            return self._request_once(method, url, data, headers, key, version, timeout)
         deadline = self._clock() + self.retry_for
         delay = _FIRST_RETRY_DELAY
         tries = 0
         while True:
             tries += 1
             try:
-                return self._request_once(method, url, data, headers, key, version)
+                return self._request_once(method, url, data, headers, key, version, timeout)
             except (RainerUnavailable, RainerConnectionError) as exc:
                 if isinstance(exc, RainerConnectionError) and not _refused(exc):
                     raise  # a timeout or a reset mid-answer: not known to be a blip
@@ -494,12 +607,14 @@ class RainerClient:
         headers: Mapping[str, Any] | None = None,
         key: str | None = None,
         version: int | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, Message, bytes]:
         request = urllib.request.Request(
             url, data=data, headers={**self._auth, **(headers or {})}, method=method
         )
+        timeout = self.timeout if timeout is None else timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as exc:
             try:
@@ -515,7 +630,7 @@ class RainerClient:
         except urllib.error.URLError as exc:
             raise RainerConnectionError(url, exc.reason) from None
         except TimeoutError:
-            raise RainerConnectionError(url, f"no answer within {self.timeout:g} s") from None
+            raise RainerConnectionError(url, f"no answer within {timeout:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
             # Connection reset, server closed the connection mid-answer, ...
             raise RainerConnectionError(url, exc or type(exc).__name__) from None
@@ -667,3 +782,12 @@ class HttpCommitStorage:
 
     def save(self, commit: Commit) -> None:
         self.client.post_commit(commit.meta, commit.payload)
+
+    def last_index(self) -> int:
+        """The index of the newest commit the server lets this client see."""
+        return self.client.index()
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        """One page of the server's feed (see ``RainerClient.changes``)."""
+        _, commits = self.client.changes(since, prefix=prefix or None, limit=min(limit, MAX_FEED_PAGE))
+        return [c.to_commit().with_index(c.index) for c in commits]

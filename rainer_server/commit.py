@@ -151,6 +151,11 @@ class Commit:
     #: Who really wrote it: the authenticated caller ("" when the service runs without
     #: authentication). Kept by the journal, not part of the wire format nor of equality.
     identity: str = dataclasses.field(default="", compare=False, kw_only=True)
+    #: Where the commit stands in the journal's global order (``None`` until a storage has
+    #: kept it): strictly increasing in the order commits become visible, so a reader given
+    #: index N that asks for what came after N misses nothing. Kept by the journal, not part
+    #: of the wire format, the meta JSON of one key, nor of equality.
+    index: int | None = dataclasses.field(default=None, compare=False, kw_only=True)
     deserialization: KeyValueDeserialization | None = dataclasses.field(
         default=None, compare=False, repr=False, kw_only=True
     )
@@ -170,6 +175,8 @@ class Commit:
             raise InvalidCommit("Author and comment must be strings")
         if not isinstance(self.identity, str):
             raise InvalidCommit("Identity must be a string")
+        if self.index is not None and (isinstance(self.index, bool) or not isinstance(self.index, int)):
+            raise InvalidCommit("Index must be an integer")
         object.__setattr__(self, "mtime", _normalise_mtime(self.mtime))
 
     @classmethod
@@ -220,6 +227,12 @@ class Commit:
             now() if mtime is None else mtime,
             deserialization=reader,
         )
+
+    def with_index(self, index: int | None) -> Self:
+        """This commit as kept at ``index`` in a journal's global order."""
+        if index == self.index:
+            return self
+        return dataclasses.replace(self, index=index)
 
     def with_deserialization(self, deserialization: KeyValueDeserialization | None) -> Self:
         """This commit, read with ``deserialization`` (the commit itself when it already is)."""

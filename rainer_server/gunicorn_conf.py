@@ -10,7 +10,7 @@ validates them all, from the environment and the ``RAINER_CONFIG`` file); comman
 import os
 import sys
 
-from rainer_server import gunicorn_hooks
+# The settings first (core only: no framework, no thread, no socket is made by importing it)...
 from rainer_server.errors import ConfigurationError
 from rainer_server.settings import configured_values
 from rainer_server.settings import load_settings
@@ -23,6 +23,18 @@ try:
 except ConfigurationError as exc:
     # gunicorn prints a traceback for any exception in its config file; this is one line.
     sys.exit(f"rainer: {exc}")
+
+if _settings.worker_class == "gevent":
+    # ...then gevent's monkey-patching, before the app is imported and preloaded here in the
+    # master: the locks, thread-locals and sockets that peewee, kazoo and the app make at
+    # load time must be gevent's, or a greenlet waiting on one would block the whole worker
+    # (gunicorn's gevent worker patches again after the fork, which changes nothing then).
+    from gevent import monkey
+
+    monkey.patch_all()
+
+from rainer_server import gunicorn_hooks  # noqa: E402  (after the patching, on purpose)
+
 gunicorn_hooks.route_startup_logging()
 
 # Prometheus multiprocess mode: every worker writes its metrics to files in this directory
@@ -33,9 +45,14 @@ gunicorn_hooks.prepare_metrics_dir()
 
 bind = _settings.bind
 workers = _settings.workers
-worker_class = "sync"
+# gevent: a request waiting for a change (a blocking read, a watched feed) is a greenlet, not
+# a worker, so a thousand watchers cost a thousand greenlets, each without a database
+# connection (README, "Deploying"). sync: one request per worker, waits capped at 20 s.
+worker_class = _settings.worker_class
+worker_connections = _settings.worker_connections
 # Database timeouts (3 s connect, 10 s read/write) sit well below this, so a sick database
-# becomes a 503 rather than a killed worker.
+# becomes a 503 rather than a killed worker. (The gevent worker's heartbeat does not depend
+# on its requests: a request may wait longer.)
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
@@ -69,6 +86,10 @@ def when_ready(server):
 
 def post_fork(server, worker):
     gunicorn_hooks.post_fork(server, worker)
+
+
+def post_worker_init(worker):
+    gunicorn_hooks.post_worker_init(worker)
 
 
 def worker_exit(server, worker):

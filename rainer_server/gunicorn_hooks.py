@@ -15,11 +15,16 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
+import gevent
+
 from rainer_server import metrics
+from rainer_server.storage.db import cooperative
 from rainer_server.web.context import RainerContext
 
 # "<master pid>:<directory it created, or nothing>": which master prepared the directory.
@@ -173,6 +178,28 @@ def post_fork(server: Any, worker: Any) -> None:
     if rainer is not None and rainer.settings.zk_hosts:
         rainer.start_zookeeper()
         server.log.info("Worker %s joined the Rainer publisher election", worker.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """After the worker set its signal handlers: on ``TERM`` (a stop, or a ``HUP`` reload
+    replacing this worker) waiting requests answer at once with what they have, so the
+    worker ends well within the graceful timeout."""
+    rainer = _rainer(worker)
+    if rainer is None:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        # Not in the handler itself, which must not block: stopping takes locks. Under
+        # gevent the handler runs in the event loop, where even starting a thread blocks.
+        if cooperative():
+            gevent.spawn(rainer.stop_watching)
+        else:
+            threading.Thread(target=rainer.stop_watching, name="rainer-stop-watching").start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

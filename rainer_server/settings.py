@@ -66,6 +66,8 @@ class Settings:
     # gunicorn's (rainer_server.gunicorn_conf); the Flask app does not use them.
     bind: str = "127.0.0.1:8080"
     workers: int = 2
+    worker_class: str = "gevent"
+    worker_connections: int = 1000
 
     @property
     def auth_modes(self) -> frozenset[str]:
@@ -181,6 +183,9 @@ class SettingsSchema(Schema):
     secret_key = fields.String(allow_none=True, validate=_check_secret_key)
     bind = fields.String(validate=_check_bind)
     workers = fields.Integer(validate=validate.Range(min=1, max=1024))
+    worker_class = fields.String(validate=validate.OneOf(
+        ("gevent", "sync"), error="must be gevent or sync"))
+    worker_connections = fields.Integer(validate=validate.Range(min=1, max=100000))
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> Settings:

@@ -38,11 +38,35 @@ class CommitStorage(Protocol):
     def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
         """Commits of ``key`` newest first, at most ``limit``, only versions below ``before``."""
 
-    def save(self, commit: Commit) -> None:
-        """Append ``commit``.
+    def save(self, commit: Commit) -> Commit | None:
+        """Append ``commit``; return it as kept (with its ``index``) where the storage keeps one.
 
         :raises CommitOrderingError: unless ``commit.version`` is the head version + 1.
         """
+
+
+@runtime_checkable
+class CommitFeed(Protocol):
+    """A storage that numbers its commits in one global order (the *index*).
+
+    Indexes strictly increase in the order commits become visible: once a reader has seen
+    index N, no commit with an index <= N can appear later. So ``changes(N)`` hands a reader
+    everything after N exactly once, in order, from any N (the journal keeps every version).
+    """
+
+    def last_index(self) -> int:
+        """The index of the newest commit (0 when there is none)."""
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        """Commits with an index above ``since``, in index order, at most ``limit``, only keys
+        starting with ``prefix``; tombstones included, each with its ``index``."""
+
+
+def prefix_filter(prefix: str) -> Callable[[str], bool]:
+    """A test of keys for ``prefix`` ("": every key)."""
+    if not prefix:
+        return lambda key: True
+    return lambda key: key.startswith(prefix)
 
 
 def check_next_version(commit: Commit, head_version: int) -> None:
@@ -79,17 +103,26 @@ class _HookedStorage:
     def history(self, key: str, limit: int = 100, before: int | None = None) -> list[Commit]:
         return self.storage.history(key, limit, before)
 
+    # A feed when the wrapped storage is one (AttributeError otherwise, as for any storage
+    # without a feed).
+    def last_index(self) -> int:
+        return self.storage.last_index()  # type: ignore[attr-defined]
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        return self.storage.changes(since, limit, prefix)  # type: ignore[attr-defined]
+
 
 class _PreSaveHookStorage(_HookedStorage):
-    def save(self, commit: Commit) -> None:
+    def save(self, commit: Commit) -> Commit | None:
         self.hook(commit)
-        self.storage.save(commit)
+        return self.storage.save(commit)
 
 
 class _PostSaveHookStorage(_HookedStorage):
-    def save(self, commit: Commit) -> None:
-        self.storage.save(commit)
+    def save(self, commit: Commit) -> Commit | None:
+        kept = self.storage.save(commit)
         self.hook(commit)
+        return kept
 
 
 def with_pre_save_hook(storage: CommitStorage, hook: Callable[[Commit], object]) -> CommitStorage:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Callable
 from collections.abc import Iterator
 from datetime import datetime
@@ -35,6 +36,9 @@ from peewee import SQL
 from peewee import TextField
 from playhouse.db_url import connect
 from playhouse.db_url import parse
+from playhouse.pool import MaxConnectionsExceeded
+from playhouse.pool import PooledMySQLDatabase
+from playhouse.pool import PooledSqliteDatabase
 
 from rainer_server.chain import GENESIS
 from rainer_server.chain import link
@@ -84,6 +88,12 @@ _REFUSED_CODES = {1044, 1045, 1049, 1130, 1698}
 # SQLite errors at connect that may pass: the file is busy or locked by another process. Any
 # other (can't open, not a database, read-only) is the setting's fault, not an outage.
 _SQLITE_TRANSIENT_CODES = {5, 6}
+# Under gevent (gunicorn's gevent worker) every request runs in its own greenlet, and peewee
+# keeps a connection per greenlet: without a pool each request would open a connection and
+# never close it. The pool lends one per request (returned when the request ends) and makes
+# a waiting greenlet queue cooperatively when all are lent. Query-string parameters
+# (``max_connections``, ``timeout``) override these.
+_POOL_PARAMS = {"max_connections": 16, "timeout": 10}
 # What clients see of a database failure: the driver's text names hosts, ports and users,
 # which belong in the log only.
 UNAVAILABLE = "Database unavailable"
@@ -118,9 +128,77 @@ def open_database(url: str) -> peewee.Database:
     if family == "sqlite":
         extra["pragmas"] = _SQLITE_PRAGMAS
     try:
-        return connect(url, **extra)
+        database = connect(url, **extra)
     except RuntimeError as exc:  # peewee's "unrecognized scheme"
         raise ValueError(str(exc)) from None
+    if not cooperative() or isinstance(database, peewee_pool_types()):
+        return database
+    pool_params = {k: v for k, v in _POOL_PARAMS.items() if k not in given}
+    params = {**database.connect_params, **pool_params}
+    if family == "sqlite":
+        # A pooled connection serves one request at a time, but not always on the thread
+        # that opened it.
+        params["check_same_thread"] = False
+        pooled: peewee.Database = _PooledSqlite(database.database, pragmas=_SQLITE_PRAGMAS, **params)
+        # The pool's ``timeout`` is how long to wait for a free connection; SQLite's (the busy
+        # handler) has the same name, so it is set apart.
+        pooled._timeout = database._timeout
+    else:
+        pooled = _PooledMySQL(database.database, **params)
+    return pooled
+
+
+def cooperative() -> bool:
+    """Whether this process runs under gevent's monkey-patching (gunicorn's gevent worker)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def peewee_pool_types() -> tuple[type, ...]:
+    return (PooledMySQLDatabase, PooledSqliteDatabase)
+
+
+class _PooledMySQL(PooledMySQLDatabase):
+    """peewee's MySQL pool, without its round trips on every loan.
+
+    peewee pings each connection it lends and rolls back each one returned; with one loan per
+    request that doubled a primary-key read. A connection the server dropped is found by the
+    query itself, and ``run_on`` retries once on a fresh one.
+    """
+
+    def _is_closed(self, conn: Any) -> bool:
+        return not conn.open
+
+    def _can_reuse(self, conn: Any) -> bool:
+        # PyMySQL knows from the last reply whether a transaction is open: ask only then.
+        if conn.server_status & 0x0001:  # SERVER_STATUS_IN_TRANS
+            try:
+                conn.rollback()
+            except Exception:
+                return False
+        return True
+
+
+class _PooledSqlite(PooledSqliteDatabase):
+    """peewee's SQLite pool (its checks are local calls already)."""
+
+
+def release(database: peewee.Database) -> None:
+    """End this greenlet's use of a pooled ``database``: its connection goes back to the pool.
+
+    A plain (unpooled) database keeps its connection: it belongs to a real thread, which
+    reuses it for its next request, as a sync worker does.
+    """
+    if isinstance(database, peewee_pool_types()) and not database.is_closed():
+        database.close()
+
+
+def close_all(database: peewee.Database) -> None:
+    """Close every connection ``database`` holds, pooled ones included (before a fork)."""
+    if isinstance(database, peewee_pool_types()):
+        database.close_all()
+    elif not database.is_closed():
+        database.close()
 
 
 def check_database(url: str) -> str | None:
@@ -145,8 +223,7 @@ def check_database(url: str) -> str | None:
             raise ConfigurationError(_describe(exc)) from None
         return _describe(exc)
     finally:
-        if not database.is_closed():
-            database.close()
+        close_all(database)
     return None
 
 
@@ -228,12 +305,19 @@ def _make_row_model(database: peewee.Database, table_name: str) -> type[Model]:
         # and the tamper-evident hash chained over the key's history (rainer_server.chain).
         identity = peewee.CharField(max_length=255, default="", constraints=[SQL("DEFAULT ''")])
         chain = _ChainField(null=True)
+        # The global order of commits (see Commit.index); NULL only on rows an earlier version
+        # wrote, until start() numbers them.
+        commit_index = peewee.BigIntegerField(null=True)
 
         class Meta:
             # A save moves the old head's row out of the heads (a primary-key update); the
             # unique (key, version) index is what refuses a duplicate version.
             primary_key = peewee.CompositeKey("is_head", "key", "version")
-            indexes = ((("key", "version"), True), (("is_head", "version"), False))
+            indexes = (
+                (("key", "version"), True),
+                (("is_head", "version"), False),
+                (("commit_index",), True),
+            )
 
     CommitRow._meta.database = database
     CommitRow._meta.set_table_name(table_name)
@@ -268,8 +352,12 @@ class DbCommitStorage:
             self._row.is_empty,
             self._row.payload,
             self._row.identity,
+            self._row.commit_index,
         )
         self._is_sqlite = isinstance(database, peewee.SqliteDatabase)
+        quote = database.quote or '""'
+        self._counter_table = f"{table_name}_index"
+        counter = f"{quote[0]}{self._counter_table}{quote[-1]}"
         row = self._row
         heads = row.select(*self._fields).where(row.is_head == True)  # noqa: E712
         _head_of_key = row.select(*self._fields).where(
@@ -292,6 +380,24 @@ class DbCommitStorage:
             "chain_of": _sql(row.select(row.chain).where((row.key == "k") & (row.version == 1))),
             # FOR UPDATE on MySQL; SQLite's BEGIN IMMEDIATE already holds every writer off.
             "lock_head": _sql(_head_of_key.for_update(not self._is_sqlite)),
+            "last_index": _sql(row.select(peewee.fn.MAX(row.commit_index))),
+            # SQLite: BEGIN IMMEDIATE already orders the writers; the next index is read in it.
+            "next_index_sqlite": (
+                f"SELECT COALESCE(MAX(commit_index), 0) + 1 FROM {quote[0]}{table_name}{quote[-1]}"
+            ),
+            # MySQL: the counter row's lock, taken last before the INSERT and held to COMMIT,
+            # orders the writers, so index order is the order commits become visible (an
+            # AUTO_INCREMENT is not: two transactions take 10 and 11 and 11 may commit first).
+            # LAST_INSERT_ID(expr) hands the new value back in the OK packet: no extra query.
+            "next_index_mysql": f"UPDATE {counter} SET n = LAST_INSERT_ID(n + 1) WHERE id = 1",
+        }
+        feed = row.select(*self._fields).where(row.commit_index > 0)
+        self._feed_sql = {
+            False: _sql(feed.order_by(row.commit_index).limit(1)),
+            True: _sql(
+                feed.where((row.key >= "a") & (row.key < "b")).order_by(row.commit_index).limit(1)
+            ),
+            "from": _sql(feed.where(row.key >= "a").order_by(row.commit_index).limit(1)),
         }
         self._to_db_mtime = row.mtime.db_value
         self._from_db_mtime = row.mtime.python_value
@@ -302,12 +408,28 @@ class DbCommitStorage:
         """Create the journal table and its index when missing; bring a journal made by an
         earlier version up to date (new columns added, every row kept)."""
         self._run(lambda: self._row.create_table(safe=True))
-        self._run(self._migrate)
+        self._run(self._migrate_locked)
+
+    def _migrate_locked(self) -> None:
+        # Every worker of every host starts the storage: one migrates, the others wait and
+        # then find nothing to do (two numbering the same rows would give them two indexes).
+        if self._is_sqlite:
+            with self.database.atomic(lock_type="IMMEDIATE"):
+                self._migrate()
+            return
+        name = f"rainer-migrate-{self.database.database}.{self.table_name}"[:64]
+        got = self.database.execute_sql("SELECT GET_LOCK(%s, 600)", (name,)).fetchone()
+        if not got or got[0] != 1:
+            raise StorageUnavailable(UNAVAILABLE)
+        try:
+            self._migrate()
+        finally:
+            self.database.execute_sql("SELECT RELEASE_LOCK(%s)", (name,))
 
     def _migrate(self) -> None:
         columns = {c.name for c in self.database.get_columns(self.table_name)}
         row = self._row
-        for field in (row.identity, row.chain):
+        for field in (row.identity, row.chain, row.commit_index):
             if field.column_name not in columns:
                 log.warning("Adding column %s to journal table %s", field.column_name, self.table_name)
                 ddl = f"ALTER TABLE {self._quoted_table()} ADD COLUMN {self._column_ddl(field)}"
@@ -316,9 +438,12 @@ class DbCommitStorage:
         # version order, each link computed from the previous row's, the missing ones written
         # in batches (a journal of 500k rows migrates in one pass, not a query per row).
         row = self._row
-        has_missing = row.select(row.key).where(row.chain.is_null()).limit(1).exists()
-        if not has_missing:
-            return
+        if row.select(row.key).where(row.chain.is_null()).limit(1).exists():
+            self._chain_rows()
+        self._number_rows()
+
+    def _chain_rows(self) -> None:
+        row = self._row
         log.warning("Computing the tamper-evident chain of the rows in %s", self.table_name)
         query = row.select(*self._fields, row.chain).order_by(row.key, row.version)
         rows = self.database.execute_sql(*query.sql()).fetchall()
@@ -348,6 +473,79 @@ class DbCommitStorage:
             pending.clear()
         return count
 
+    def _number_rows(self) -> None:
+        """Give every row without an index one (rows of a journal made before indexes, or
+        written by an earlier version during a rolling upgrade), after every numbered row;
+        then make sure the index and, on MySQL, the counter exist."""
+        row = self._row
+        execute = self.database.execute_sql
+        counter = self._quoted(self._counter_table)
+        if self._numbered():
+            return
+        with self.database.atomic():
+            if not self._is_sqlite:
+                execute(
+                    f"CREATE TABLE IF NOT EXISTS {counter} "
+                    "(id INTEGER NOT NULL PRIMARY KEY, n BIGINT NOT NULL)"
+                )
+                execute(
+                    f"INSERT IGNORE INTO {counter} (id, n) SELECT 1, "
+                    f"COALESCE(MAX(commit_index), 0) FROM {self._quoted_table()}"
+                )
+                # Locks the counter: no save numbers a commit while these rows are numbered.
+                (last,) = execute(f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE").fetchone()
+            else:
+                last = execute(self._sql["last_index"]).fetchone()[0] or 0
+            query = row.select(row.key, row.version, row.mtime).where(row.commit_index.is_null())
+            unnumbered = [
+                (bytes(k).decode("utf-8") if not isinstance(k, str) else k, v, row.mtime.python_value(m))
+                for k, v, m in query.tuples()
+            ]
+            if unnumbered:
+                log.warning(
+                    "Numbering %d commits of %s in the global index", len(unnumbered), self.table_name
+                )
+                ordered = _history_order(unnumbered)
+                update = row.update(commit_index=0).where((row.key == "k") & (row.version == 1))
+                sql = _sql(update)
+                cursor = self.database.cursor()
+                for start in range(0, len(ordered), 1000):
+                    cursor.executemany(sql, [
+                        (last + start + n + 1, key.encode("utf-8"), version)
+                        for n, (key, version) in enumerate(ordered[start : start + 1000])
+                    ])
+                last += len(ordered)
+                if not self._is_sqlite:
+                    execute(f"UPDATE {counter} SET n = %s WHERE id = 1", (last,))
+        indexes = {index.name for index in self.database.get_indexes(self.table_name)}
+        wanted = peewee.ModelIndex(row, (row.commit_index,), unique=True)
+        if wanted._name not in indexes:
+            log.warning("Adding the index %s to %s", wanted._name, self.table_name)
+            self.database.execute(self._row._schema._create_index(wanted, safe=False))
+
+    def _numbered(self) -> bool:
+        """Whether every row has its index and the counter and index exist: the start of every
+        worker asks, so without taking a lock (locking reads here deadlocked with saves)."""
+        unnumbered = self._row.select(SQL("1")).where(self._row.commit_index.is_null()).limit(1)
+        if unnumbered.exists():
+            return False
+        indexes = {index.name for index in self.database.get_indexes(self.table_name)}
+        if peewee.ModelIndex(self._row, (self._row.commit_index,), unique=True)._name not in indexes:
+            return False
+        if self._is_sqlite:
+            return True
+        try:
+            found = self.database.execute_sql(
+                f"SELECT n FROM {self._quoted(self._counter_table)} WHERE id = 1"
+            ).fetchone()
+        except peewee.ProgrammingError:  # no counter table yet (MySQL error 1146)
+            return False
+        return found is not None
+
+    def _quoted(self, name: str) -> str:
+        quote = self.database.quote or '""'
+        return f"{quote[0]}{name}{quote[-1]}"
+
     def _quoted_table(self) -> str:
         quote = self.database.quote or '""'
         return f"{quote[0]}{self.table_name}{quote[-1]}"
@@ -359,8 +557,7 @@ class DbCommitStorage:
         return sql
 
     def stop(self) -> None:
-        if not self.database.is_closed():
-            self.database.close()
+        close_all(self.database)
 
     # ------------------------------------------------------------------ reads
 
@@ -459,6 +656,30 @@ class DbCommitStorage:
             condition &= peewee.fn.INSTR(row.key, contains.encode("utf-8")) > 0
         return condition
 
+    def last_index(self) -> int:
+        """The index of the newest commit (0 when there is none): one lookup in its index."""
+        sql = self._sql["last_index"]
+        found = self._run(lambda: self.database.execute_sql(sql).fetchone())
+        return int(found[0] or 0) if found else 0
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        """Commits with an index above ``since``, oldest first, at most ``limit``, of keys
+        starting with ``prefix``; tombstones included. Walks the index's order, so a page
+        costs the rows it returns (plus, with a prefix, the rows of other keys it passes)."""
+        params: tuple[Any, ...] = (max(0, since),)
+        if prefix:
+            low = prefix.encode("utf-8")
+            high = _prefix_end(low)
+            if high is None:
+                sql, params = self._feed_sql["from"], (*params, low)
+            else:
+                sql, params = self._feed_sql[True], (*params, low, high)
+        else:
+            sql = self._feed_sql[False]
+        params = (*params, max(1, limit))
+        rows = self._run(lambda: self.database.execute_sql(sql, params).fetchall())
+        return [self._to_commit(row) for row in rows]
+
     def _heads(self, include_empty: bool) -> dict[str, Commit]:
         if include_empty:
             sql, params = self._sql["heads"], (True,)
@@ -491,20 +712,22 @@ class DbCommitStorage:
 
     # ------------------------------------------------------------------ writes
 
-    def save(self, commit: Commit) -> None:
+    def save(self, commit: Commit) -> Commit:
+        """Append ``commit``; return it as kept, with its ``index``."""
         retried = False
 
-        def attempt() -> None:
+        def attempt() -> Commit:
             nonlocal retried
             for deadlocks in range(_DEADLOCK_RETRIES + 1):
                 try:
-                    self._insert(commit)
-                    return
+                    return self._insert(commit)
                 except (IntegrityError, _NotNextVersion) as exc:
                     # Not the next version, or a lost race; or the retry of a save whose COMMIT
                     # reply was lost with the connection, in which case the commit is stored.
-                    if retried and self.get(commit.key, commit.version) == commit:
-                        return
+                    if retried:
+                        stored = self.get(commit.key, commit.version)
+                        if stored == commit:
+                            return stored
                     raise self._ordering_error(commit) from exc
                 except OperationalError as exc:
                     code = _error_code(exc)
@@ -519,10 +742,11 @@ class DbCommitStorage:
                         raise self._ordering_error(commit) from exc
                     retried = True
                     raise
+            raise AssertionError("unreachable")
 
-        self._run(attempt)
+        return self._run(attempt)
 
-    def _insert(self, commit: Commit) -> None:
+    def _insert(self, commit: Commit) -> Commit:
         execute = self.database.execute_sql
         key = commit.key.encode("utf-8")
         # SQLite: BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
@@ -538,11 +762,21 @@ class DbCommitStorage:
                 # The retiring UPDATE locked that row: its chain cannot change under us.
                 found = execute(self._sql["chain_of"], (key, commit.version - 1)).fetchone()
                 previous = (found[0] if found else None) or GENESIS
+            # Last before the INSERT: on MySQL the counter's row lock is held from here to
+            # COMMIT, and every commit queues on it, so it is held as briefly as possible.
+            if self._is_sqlite:
+                index = execute(self._sql["next_index_sqlite"]).fetchone()[0]
+            else:
+                counted = execute(self._sql["next_index_mysql"])
+                if counted.rowcount != 1:
+                    raise StorageUnavailable(UNAVAILABLE)  # start() makes the row; someone removed it
+                index = counted.lastrowid
             execute(self._sql["insert"], (
                 key, commit.version, commit.author, commit.comment,
                 self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
-                commit.identity, link(previous, commit),
+                commit.identity, link(previous, commit), index,
             ))
+        return commit.with_deserialization(self.deserialization).with_index(index)
 
     def _ordering_error(self, commit: Commit) -> CommitOrderingError:
         head = self.get(commit.key)
@@ -554,7 +788,7 @@ class DbCommitStorage:
         return run_on(self.database, operation)
 
     def _to_commit(self, row: tuple) -> Commit:
-        key, version, author, comment, mtime, is_empty, payload, identity = row
+        key, version, author, comment, mtime, is_empty, payload, identity, index = row
         return Commit(
             bytes(key).decode("utf-8") if not isinstance(key, str) else key,
             version,
@@ -563,6 +797,7 @@ class DbCommitStorage:
             comment,
             self._from_db_mtime(mtime),
             identity=identity or "",
+            index=index,
             deserialization=self.deserialization,
         )
 
@@ -610,6 +845,10 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
         try:
             database.connect(reuse_if_open=True)
             return operation()
+        except MaxConnectionsExceeded:
+            # Every pooled connection stayed lent for the pool's whole timeout: overloaded.
+            log.warning("%s: every pooled connection is in use", UNAVAILABLE)
+            raise StorageUnavailable(UNAVAILABLE) from None
         except (OperationalError, InterfaceError) as exc:
             _discard_connection(database)
             if (
@@ -630,7 +869,10 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
 
 def _discard_connection(database: peewee.Database) -> None:
     try:
-        database.close()
+        if isinstance(database, peewee_pool_types()):
+            database.manual_close()  # not back into the pool
+        else:
+            database.close()
     except Exception:  # closing a broken connection may fail too; it is gone either way
         log.debug("Ignoring error while closing a broken connection", exc_info=True)
         database._state.reset()
@@ -643,8 +885,31 @@ class _NotNextVersion(Exception):
 # The column order of the "insert" statement and of its parameters.
 _INSERT_COLUMNS = (
     "key", "version", "author", "comment", "mtime", "is_empty", "is_head", "payload",
-    "identity", "chain",
+    "identity", "chain", "commit_index",
 )
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The least byte string above every string starting with ``prefix`` (``None``: none)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes((trimmed[-1] + 1,))
+
+
+def _history_order(rows: list[tuple[str, int, datetime]]) -> list[tuple[str, int]]:
+    """(key, version) of journal rows in the order to number them: by time, yet each key's
+    versions in version order even where an imported time runs backwards (a row sorts at the
+    latest time of its key's history so far), ties by key and version: deterministic."""
+    rows = sorted(rows, key=lambda r: (r[0].encode("utf-8"), r[1]))
+    placed = []
+    latest: dict[str, datetime] = {}
+    for key, version, mtime in rows:
+        at = max(mtime, latest.get(key, mtime))
+        latest[key] = at
+        placed.append((at, key.encode("utf-8"), version, key))
+    placed.sort()
+    return [(key, version) for _at, _k, version, key in placed]
 
 
 def _sql(query: peewee.Query) -> str:

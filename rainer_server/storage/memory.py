@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from rainer_server.commit import Commit
 from rainer_server.payloads import KeyValueDeserialization
 from rainer_server.storage import check_next_version
+from rainer_server.storage import prefix_filter
 
 
 class MemoryCommitStorage:
@@ -23,6 +24,8 @@ class MemoryCommitStorage:
         # Reentrant: a caller holding locked_head may still read.
         self._lock = threading.RLock()
         self._history: dict[str, list[Commit]] = {}
+        # Every commit in index order (index i at position i - 1): the feed.
+        self._journal: list[Commit] = []
 
     def start(self) -> None:
         pass
@@ -66,11 +69,30 @@ class MemoryCommitStorage:
             commits = self._history.get(key)
             yield commits[-1] if commits else None
 
-    def save(self, commit: Commit) -> None:
+    def last_index(self) -> int:
+        with self._lock:
+            return len(self._journal)
+
+    def changes(self, since: int, limit: int = 1000, prefix: str = "") -> list[Commit]:
+        wanted = prefix_filter(prefix)
+        with self._lock:
+            found = []
+            for commit in self._journal[max(0, since) :]:
+                if wanted(commit.key):
+                    found.append(commit)
+                    if len(found) >= limit:
+                        break
+            return found
+
+    def save(self, commit: Commit) -> Commit:
         # As a database would: what is read back has this storage's deserialization, whatever
         # the saved object carried.
         commit = commit.with_deserialization(self.deserialization)
         with self._lock:
             commits = self._history.setdefault(commit.key, [])
             check_next_version(commit, len(commits))
+            # Numbered under the lock that orders the saves: index order is commit order.
+            commit = commit.with_index(len(self._journal) + 1)
             commits.append(commit)
+            self._journal.append(commit)
+        return commit

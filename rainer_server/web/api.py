@@ -38,6 +38,7 @@ from rainer_server.headers import decode_text_header
 from rainer_server.headers import HEADER_ENCODING
 from rainer_server.headers import is_percent_encoded
 from rainer_server.metrics import metrics
+from rainer_server.web import blocking
 from rainer_server.web.auth import Caller
 from rainer_server.web.commits import check_write
 from rainer_server.web.commits import save_commit
@@ -46,6 +47,9 @@ from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import CACHED
 from rainer_server.web.middleware import path_is_utf8
+from rainer_server.web.middleware import INDEX_HEADER
+from rainer_server.web.middleware import etag
+from rainer_server.web.middleware import etag_matches
 from rainer_server.web.middleware import payload_headers
 from rainer_server.web.middleware import prepared_headers
 
@@ -149,77 +153,152 @@ def list_heads() -> Response:
     include_all = _boolean(request.args.get("all"), "all")
     utf8 = _boolean(request.args.get("payload_utf8"), "payload_utf8")
     b64 = _boolean(request.args.get("payload_base64"), "payload_base64")
+    prefix = request.args.get("prefix", "")
     rainer = get_rainer()
-    gate = rainer.gate
-    caller = gate.check(request.environ, None, write=False)
-    if gate.enabled:
-        return _filtered_listing(rainer, caller, include_all, utf8, b64)
-    view = None if include_all else rainer.cached_view()
-    if view is not None:
+    caller = rainer.gate.check(request.environ, None, write=False)
+    since = blocking.index_parameter("changes_since")
+    if since is not None:
+        return blocking.changes_answer(
+            rainer, caller, since, prefix, lambda c: _meta_with_payload(c, utf8, b64)
+        )
+    return blocking.blocking_answer(
+        rainer,
+        lambda: _listing(rainer, caller, include_all, utf8, b64, prefix),
+        wants=blocking.key_test(rainer, caller, prefix),
+    )
+
+
+def _listing(
+    rainer: RainerContext, caller: Caller, include_all: bool, utf8: bool, b64: bool, prefix: str
+) -> tuple[Response, int]:
+    """The listing and its index: that of the newest head it covers (tombstones too)."""
+    if rainer.gate.enabled:
+        return _filtered_listing(rainer, caller, include_all, utf8, b64, prefix)
+    mirrored = None if include_all else _mirror_state(rainer)
+    if mirrored is not None:
         # The mirror swaps in a new immutable mapping on every change: identity revalidates.
-        heads = view.current
-        flags = ("mirror", utf8, b64)
+        index, heads, hub = mirrored
+        flags = ("mirror", utf8, b64, prefix)
         cached = rainer.list_cache.get(flags)
-        if cached is None or cached[0] is not heads:
-            cached = (heads, _list_body(heads, False, utf8, b64))
+        if cached is None or cached[0] is not heads or cached[2] != index:
+            if prefix:
+                newest = min(index, hub.newest_index(lambda key: key.startswith(prefix)))
+            else:
+                newest = index
+            cached = (heads, _list_body(heads, False, utf8, b64, prefix), index, newest)
             rainer.list_cache[flags] = cached
-        return Response(cached[1], 200, mimetype=JSON, headers=CACHED)
+        return Response(
+            cached[1], 200, mimetype=JSON, headers={**CACHED, INDEX_HEADER: str(cached[3])}
+        ), cached[3]
     storage = rainer.database_storage
-    flags = ("storage", include_all, utf8, b64)
+    flags = ("storage", include_all, utf8, b64, prefix)
     token = storage.heads_token()
     cached = rainer.list_cache.get(flags)
     if cached is None or cached[0] != token:
         heads = storage.heads()
         # The token is derived from the heads just read, not from the earlier query, so a
-        # commit landing in between can never be cached under a token that hides it.
-        cached = (sum(c.version for c in heads.values()), _list_body(heads, include_all, utf8, b64))
+        # commit landing in between can never be cached under a token that hides it. So is
+        # the index: every commit up to the newest head read is in what was read.
+        cached = (
+            sum(c.version for c in heads.values()),
+            _list_body(heads, include_all, utf8, b64, prefix),
+            _newest(heads, prefix),
+        )
         rainer.list_cache[flags] = cached
-    etag = f'"{cached[0]}"'
-    if etag in request.headers.get("If-None-Match", ""):
-        return Response(status=304, headers={"ETag": etag})
-    return Response(cached[1], 200, mimetype=JSON, headers={"ETag": etag})
+    tag = f'"{cached[0]}"'
+    headers = {"ETag": tag, INDEX_HEADER: str(cached[2])}
+    if tag in request.headers.get("If-None-Match", ""):
+        return Response(status=304, headers=headers), cached[2]
+    return Response(cached[1], 200, mimetype=JSON, headers=headers), cached[2]
+
+
+def _mirror_state(rainer: RainerContext) -> tuple[int, Mapping[str, Commit], Any] | None:
+    """(index, heads, hub) when the mirror shows every commit up to the index it can claim,
+    else ``None``: answer from the database."""
+    view = rainer.cached_view()
+    if view is None:
+        return None
+    hub = rainer.watch_hub
+    # The index first, the view second: views only move forward, so the view read shows at
+    # least everything up to the index.
+    index = hub.mirror_index()
+    if index is None:
+        return None
+    return index, view.current, hub
+
+
+def _newest(heads: Mapping[str, Commit], prefix: str = "", wants: Any = None) -> int:
+    """The index of the newest of ``heads`` (tombstones too: deleting a key changes a
+    listing) under ``prefix`` and, with ``wants``, that it accepts."""
+    return max(
+        (
+            c.index or 0
+            for key, c in heads.items()
+            if key.startswith(prefix) and (wants is None or wants(key))
+        ),
+        default=0,
+    )
 
 
 def _filtered_listing(
-    rainer: RainerContext, caller: Caller, include_all: bool, utf8: bool, b64: bool
-) -> Response:
+    rainer: RainerContext, caller: Caller, include_all: bool, utf8: bool, b64: bool, prefix: str
+) -> tuple[Response, int]:
     """The listing of the keys ``caller`` may read, cached per identity (never one caller's
-    listing served to another), with an ETag of its own visible set."""
-    view = None if include_all else rainer.cached_view()
+    listing served to another), with an ETag of its own visible set, and as its index that
+    of the newest commit it may read: others' activity shows in neither."""
+    mirrored = None if include_all else _mirror_state(rainer)
     storage = rainer.database_storage
-    source: Any = view.current if view is not None else storage.heads_token()
-    flags = ("filtered", caller.identity, view is not None, include_all, utf8, b64)
+    source: Any = (mirrored[1], mirrored[0]) if mirrored is not None else storage.heads_token()
+    flags = ("filtered", caller.identity, mirrored is not None, include_all, utf8, b64, prefix)
     cached = rainer.list_cache.get(flags)
     # A mirror view is revalidated by identity (equality would compare every key).
-    fresh = cached is not None and (cached[0] is source if view is not None else cached[0] == source)
+    fresh = cached is not None and (
+        cached[0][0] is source[0] and cached[0][1] == source[1]
+        if mirrored is not None
+        else cached[0] == source
+    )
     if not fresh:
-        heads = view.current if view is not None else storage.heads()
+        heads = mirrored[1] if mirrored is not None else storage.heads()
         may_read = rainer.gate.policy.may_read
-        visible = {key: commit for key, commit in heads.items() if may_read(caller.identity, key)}
-        hidden = any(include_all or not heads[key].empty for key in heads.keys() - visible.keys())
+        visible = {
+            key: commit
+            for key, commit in heads.items()
+            if key.startswith(prefix) and may_read(caller.identity, key)
+        }
+        hidden = any(
+            include_all or not heads[key].empty
+            for key in heads.keys() - visible.keys()
+            if key.startswith(prefix)
+        )
         body = _list_body(visible, include_all, utf8, b64)
-        etag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
-        if view is None:
-            # As in the unfiltered listing: the token of the heads just read.
+        tag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
+        if mirrored is None:
+            # As in the unfiltered listing: the token and index of the heads just read.
             source = sum(c.version for c in heads.values())
-        cached = (source, body, etag, hidden)
+            index = _newest(heads, prefix, lambda key: may_read(caller.identity, key))
+        else:
+            wants = blocking.key_test(rainer, caller, prefix)
+            index = min(mirrored[0], mirrored[2].newest_index(wants))
+        cached = (source, body, tag, hidden, index)
         rainer.list_cache[flags] = cached
-    _, body, etag, hidden = cached
-    headers = {"ETag": etag, "Vary": "Authorization"}
+    _, body, tag, hidden, index = cached
+    headers = {"ETag": tag, "Vary": "Authorization", INDEX_HEADER: str(index)}
     if hidden:
         headers["X-Rainer-Results-Filtered"] = "yes"
-    if view is not None:
+    if mirrored is not None:
         headers.update(CACHED)
-    if etag in request.headers.get("If-None-Match", ""):
-        return Response(status=304, headers=headers)
-    return Response(body, 200, mimetype=JSON, headers=headers)
+    if tag in request.headers.get("If-None-Match", ""):
+        return Response(status=304, headers=headers), index
+    return Response(body, 200, mimetype=JSON, headers=headers), index
 
 
-def _list_body(heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool) -> bytes:
+def _list_body(
+    heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool, prefix: str = ""
+) -> bytes:
     listing = {
         key: _meta_with_payload(heads[key], utf8, b64)
         for key in sorted(heads)
-        if include_all or not heads[key].empty
+        if (include_all or not heads[key].empty) and key.startswith(prefix)
     }
     return json.dumps(listing, ensure_ascii=False).encode("utf-8")
 
@@ -234,19 +313,73 @@ def _meta_with_payload(commit: Commit, utf8: bool, b64: bool) -> dict[str, Any]:
     return meta
 
 
-def _head(key: str) -> tuple[Commit, bool]:
-    """The newest commit of ``key`` and whether it came from the mirror.
+def _head(key: str) -> tuple[Commit, bool, int]:
+    """The newest commit of ``key``, whether it came from the mirror, and its index.
 
     A key the mirror lacks (tombstoned, or created a moment ago and not yet seen) is read
-    from the storage, so a writer never sees a 404 for the key it just wrote.
+    from the storage, so a writer never sees a 404 for the key it just wrote; so is a key
+    whose mirror commit the watch hub cannot place in the index yet.
     """
     rainer = get_rainer()
     view = rainer.cached_view()
     if view is not None:
         commit = view.current.get(key)
         if commit is not None:
-            return commit, True
-    return _found(key), False
+            hub = rainer.watch_hub
+            index = hub.head_index(key, commit.version)
+            if index is not None:
+                return commit, True, index
+            try:
+                stored = rainer.database_storage.get(key)
+            except StorageUnavailable:
+                if hub.failing:
+                    return commit, True, 0  # the database is down: the mirror still serves
+                raise
+            if stored is None or stored.version < commit.version:
+                # Written by another journal's Rainer sharing the ZooKeeper path (a JVM one):
+                # served as before, outside this journal's index.
+                return commit, True, 0
+            if stored.version > commit.version:
+                return stored, False, stored.index or 0
+            # The mirror shows it before the feed does: one lookup, then the hub knows.
+            hub.learn(stored)
+            return commit, True, stored.index or 0
+    commit = _found(key)
+    return commit, False, commit.index or 0
+
+
+def _key_answer(key: str, meta: bool) -> Response:
+    """``GET /<key>`` or ``/<key>/meta``, blocking with ``?index=N``: a key that does not
+    exist yet answers 404 (index 0) and can be waited on until it is created."""
+    rainer = get_rainer()
+
+    def answer() -> tuple[Response, int]:
+        try:
+            commit, cached, index = _head(key)
+        except CommitNotFound:
+            response = _error(404, "Key not found")
+            response.headers[INDEX_HEADER] = "0"
+            return response, 0
+        tag = etag(commit, meta)
+        headers = {"ETag": tag, INDEX_HEADER: str(index), **(CACHED if cached else {})}
+        if etag_matches(request.headers.get("If-None-Match"), tag):
+            return Response(status=304, headers=headers), index
+        if meta:
+            response = _json(commit.meta)
+            response.headers.update(headers)
+            return response, index
+        if not cached:
+            response = _payload_response(commit)
+            response.headers.update(headers)
+            return response, index
+        # The hot path of a cluster's config reads: a mirror commit never changes, so its
+        # headers are built once and reused while the mirror holds that same commit object.
+        prepared = Headers()
+        prepared[:] = prepared_headers(rainer, commit, index)  # a copy: hooks may change it
+        # A list, not bytes: bytes would make werkzeug set (and check) Content-Length again.
+        return _PreparedResponse([commit.payload or b""], 200, headers=prepared), index
+
+    return blocking.blocking_answer(rainer, answer, key=key)
 
 
 # "/-/" (GitLab's convention) cannot be a key's route: a version is digits, so without this
@@ -279,15 +412,7 @@ def whoami() -> Response:
 
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
-    commit, cached = _head(_may_read(_key(key)))
-    if not cached:
-        return _payload_response(commit)
-    # The hot path of a cluster's config reads: a mirror commit never changes, so its
-    # headers are built once and reused while the mirror holds that same commit object.
-    headers = Headers()
-    headers[:] = prepared_headers(get_rainer(), commit)  # a copy: hooks may change it
-    # A list, not bytes: bytes would make werkzeug set (and check) Content-Length again.
-    return _PreparedResponse([commit.payload or b""], 200, headers=headers)
+    return _key_answer(_may_read(_key(key)), meta=False)
 
 
 class _PreparedResponse(Response):
@@ -303,11 +428,7 @@ class _PreparedResponse(Response):
 
 @bp.get("/<key>/meta")
 def get_head_meta(key: str) -> Response:
-    commit, cached = _head(_may_read(_key(key)))
-    response = _json(commit.meta)
-    if cached:
-        response.headers.update(CACHED)
-    return response
+    return _key_answer(_may_read(_key(key)), meta=True)
 
 
 MAX_HISTORY_LIMIT = 1000
@@ -459,6 +580,8 @@ def post_commit(key: str, version: str) -> Response:
     response = _json(commit.meta)
     if dry_run:
         response.headers["X-Rainer-Dry-Run"] = "yes"
+    if commit.index is not None:
+        response.headers[INDEX_HEADER] = str(commit.index)
     return response
 
 

@@ -155,8 +155,12 @@ def save_commit(
         if version != expected:
             raise CommitOrderingError(key, expected, version)
         return commit
-    rainer.storage.save(commit)
+    # The storage hands back the commit as kept: with its place in the global index.
+    kept = rainer.storage.save(commit)
     metrics().commits_saved.inc()
+    hub = rainer.watching()
+    if hub is not None:
+        hub.poke()  # this process's watchers need not wait for the mirror or the next poll
     audit.record(
         decision="committed",
         identity=identity,
@@ -177,4 +181,4 @@ def save_commit(
         "empty" if payload is None else f"{len(payload)} bytes",
         f", a revert to version {revert_to}" if revert_to is not None else "",
     )
-    return commit
+    return kept if kept is not None else commit

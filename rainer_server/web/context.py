@@ -23,7 +23,9 @@ from rainer_server.storage import CommitStorage
 from rainer_server.storage.db import DbCommitStorage
 from rainer_server.storage.db import check_database
 from rainer_server.storage.db import open_database
+from rainer_server.storage.db import release
 from rainer_server.web.auth import Gate
+from rainer_server.web.watch import WatchHub
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.keeper import make_kazoo_client
 from rainer_server.zk.mirror import CommitMirror
@@ -60,6 +62,7 @@ class RainerContext:
         self.mirror: CommitMirror | None = None
         # Signs the console's session cookies (an itsdangerous serializer), when it is on.
         self.console_sessions: Any = None
+        self._watch_hub: WatchHub | None = None
 
     # ------------------------------------------------------------------ storage
 
@@ -89,6 +92,16 @@ class RainerContext:
     def open_storage(self) -> CommitStorage:
         """A new, unstarted storage as the settings describe it."""
         return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
+
+    def release_connections(self) -> None:
+        """Give this greenlet's pooled database connections back (see ``release``): at the end
+        of every request, and before a request waits."""
+        database = getattr(self._database_storage, "database", None)
+        if database is not None:
+            release(database)
+        tokens = self.gate.tokens
+        if tokens is not None:
+            release(tokens.database)
 
     def check_database(self) -> None:
         """Connect to the configured database once and close again: refuse a setting the
@@ -129,16 +142,20 @@ class RainerContext:
     # ------------------------------------------------------------------ ZooKeeper
 
     def cached_view(self) -> CommitMirror | None:
-        """This process's mirror when it is complete and following ZooKeeper, for cached
-        reads; else ``None``, and reads go to the database: while ZooKeeper is out of reach
-        (a lost quorum, a partition) the mirror cannot see changes, the journal can."""
+        """This process's mirror when it is complete, following ZooKeeper and placed in the
+        index by the watch hub (or the hub cannot read the database at all: then the mirror
+        still serves, without indexes), for cached reads; else ``None``, and reads go to the
+        database: while ZooKeeper is out of reach (a lost quorum, a partition) the mirror
+        cannot see changes, the journal can."""
         if not self.settings.zk_hosts:
             return None
         self.start_zookeeper()
-        mirror = self.mirror
+        mirror, hub = self.mirror, self._watch_hub
         if mirror is None or not mirror.initialized or mirror.stale_since is not None:
             return None
-        return mirror
+        if hub is None:
+            return None
+        return mirror if hub.ready or hub.failing else None
 
     def start_zookeeper(self) -> None:
         """Connect to ZooKeeper, open the mirror and join the publisher election.
@@ -172,6 +189,8 @@ class RainerContext:
             rainers.report_to(metrics.metrics().zookeeper, mirror)
             rainers.auto_publisher.start()
             self.zk_client, self.mirror, self.rainers = client, mirror, rainers
+            # With the mirror: its changes wake watchers, and place its commits in the index.
+            self._start_watching()
             log.info("Rainer connected to ZooKeeper at %s%s", settings.zk_hosts, settings.zk_path)
 
     def _ensure_database_storage_object(self) -> None:
@@ -179,10 +198,45 @@ class RainerContext:
         if self._database_storage is None:
             self._database_storage = self.open_storage()
 
+    # ------------------------------------------------------------------ watching
+
+    @property
+    def watch_hub(self) -> WatchHub:
+        """This process's notifier of new commits (started on first use, or with ZooKeeper)."""
+        hub = self._watch_hub
+        if hub is None:
+            self.start_zookeeper()
+            hub = self._start_watching()
+        return hub
+
+    def _start_watching(self) -> WatchHub:
+        with self._lock:
+            hub = self._watch_hub
+            if hub is None:
+                # The storage is started on the hub's thread: ZooKeeper's start (post_fork)
+                # must not wait for the database.
+                hub = self._watch_hub = WatchHub(lambda: self.database_storage, self.mirror)
+                hub.start()
+        return hub
+
+    def watching(self) -> WatchHub | None:
+        """The notifier when it has been started, else ``None`` (nothing is started)."""
+        return self._watch_hub
+
+    def stop_watching(self) -> None:
+        """Answer every waiting request now (shutdown, reload)."""
+        hub = self._watch_hub
+        if hub is not None:
+            hub.stop()
+
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
         """Leave the election, close the mirror and ZooKeeper, release the storage we opened."""
+        with self._lock:
+            hub, self._watch_hub = self._watch_hub, None
+        if hub is not None:
+            hub.stop()
         with self._lock:
             rainers, mirror, client = self.rainers, self.mirror, self.zk_client
             self.rainers = self.mirror = self.zk_client = None

@@ -31,6 +31,7 @@ from rainer_server.web import health
 from rainer_server.web.auth import open_gate
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import MirrorReads
+from rainer_server.web.middleware import ReleaseConnections
 from rainer_server.web.middleware import RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Rainer(RainerContext):
             # /healthz, /readyz, /metrics: on the app, outside the API prefix.
             health.register(app)
         mirror_reads = MirrorReads(app.wsgi_app, app, self, self.settings.url_prefix)
-        app.wsgi_app = RequestMetrics(mirror_reads)  # type: ignore[method-assign]
+        app.wsgi_app = RequestMetrics(ReleaseConnections(mirror_reads, self))  # type: ignore[method-assign]
         app.cli.add_command(admin.rainer_cli)
 
 

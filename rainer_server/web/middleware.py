@@ -67,17 +67,49 @@ def payload_headers(commit: Commit) -> list[tuple[str, str]]:
     return [("Content-Type", content_type), *commit_headers(commit).items()]
 
 
-def prepared_headers(rainer: RainerContext, commit: Commit) -> list[tuple[str, str]]:
+INDEX_HEADER = "X-Rainer-Index"
+
+
+def etag(commit: Commit, meta: bool = False) -> str:
+    """The entity tag of a key's payload (or its meta) at this commit: its version names it."""
+    return f'"{"m" if meta else "v"}{commit.version}"'
+
+
+def etag_matches(if_none_match: str | None, tag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``tag`` (or ``*``); weak tags compare too."""
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == tag:
+            return True
+    return False
+
+
+def index_headers(commit: Commit, index: int) -> list[tuple[str, str]]:
+    return [("ETag", etag(commit)), (INDEX_HEADER, str(index))]
+
+
+def prepared_headers(rainer: RainerContext, commit: Commit, index: int) -> list[tuple[str, str]]:
     """The complete response headers of a mirror commit's payload, built once per commit."""
     prepared = rainer.prepared_headers
     entry = prepared.get(commit.key)
-    if entry is None or entry[0] is not commit:
+    if entry is None or entry[0] is not commit or entry[1] != index:
         if len(prepared) > 2 * len(rainer.mirror.current) + 100:
             prepared.clear()  # mostly keys deleted since: rebuilt on demand
         payload = commit.payload or b""
-        items = [*payload_headers(commit), *CACHED.items(), ("Content-Length", str(len(payload)))]
-        entry = prepared[commit.key] = (commit, items)
-    return entry[1]
+        items = [
+            *payload_headers(commit),
+            *CACHED.items(),
+            *index_headers(commit, index),
+            ("Content-Length", str(len(payload))),
+        ]
+        entry = prepared[commit.key] = (commit, index, items)
+    return entry[2]
+
+
+def not_modified_headers(commit: Commit, index: int) -> list[tuple[str, str]]:
+    return [*CACHED.items(), *index_headers(commit, index)]
 
 
 class MirrorReads:
@@ -111,6 +143,8 @@ class MirrorReads:
             and path not in self._static()
         ):
             view = self.rainer.cached_view()
+            if view is not None and self.rainer.watching() is None:
+                self.rainer.watch_hub  # noqa: B018  (started once, here or by gunicorn's hook)
             if view is not None:
                 # The path's bytes, strictly: replacing invalid UTF-8 with U+FFFD (as werkzeug
                 # does) would answer for another key. Flask answers those with a 400.
@@ -124,13 +158,21 @@ class MirrorReads:
                     else None
                 )
                 gate = self.rainer.gate
-                if commit is not None and (
-                    not gate.enabled or gate.may_read(gate.caller(environ), key)  # type: ignore[arg-type]
+                # The index this commit has in the journal, known once the process's watch
+                # hub has read it; until then (or while the mirror is behind or ahead of
+                # it) Flask's view answers from the database.
+                hub = self.rainer.watching()
+                index = None if commit is None or hub is None else hub.head_index(key, commit.version)
+                if index is not None and (
+                    not gate.enabled or gate.may_read(gate.caller(environ), key)
                 ):
                     # A caller who may not read it gets Flask's view, which refuses (401/403)
                     # and audits the refusal.
                     environ[ROUTE_ENVIRON_KEY] = self.route
-                    start_response("200 OK", list(prepared_headers(self.rainer, commit)))
+                    if etag_matches(environ.get("HTTP_IF_NONE_MATCH"), etag(commit)):
+                        start_response("304 Not Modified", not_modified_headers(commit, index))
+                        return [b""]
+                    start_response("200 OK", list(prepared_headers(self.rainer, commit, index)))
                     return [commit.payload or b""]
         return self.wsgi_app(environ, start_response)
 
@@ -154,6 +196,25 @@ class MirrorReads:
             )
             for funcs in registry.values()
         )
+
+
+class ReleaseConnections:
+    """WSGI middleware: when a request ends, its pooled database connections go back.
+
+    Under gevent each request is a greenlet of its own and peewee lends it a connection from
+    the pool (``storage.db.open_database``); without this, a thousand waiting watchers would
+    hold a thousand connections. With sync workers (no pool) it does nothing.
+    """
+
+    def __init__(self, wsgi_app: Callable[..., Any], rainer: RainerContext) -> None:
+        self.wsgi_app = wsgi_app
+        self.rainer = rainer
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            return self.wsgi_app(environ, start_response)
+        finally:
+            self.rainer.release_connections()
 
 
 _metrics_failed = False
