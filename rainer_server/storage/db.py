@@ -840,8 +840,11 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
     :raises StorageUnavailable: when the database cannot be reached or fails.
     """
     is_sqlite = isinstance(database, peewee.SqliteDatabase)
+    # A pooled connection may have been idle in the pool when the server dropped it: as stale
+    # as one this thread kept open, and worth the same one retry on a fresh one.
+    pooled = isinstance(database, peewee_pool_types())
     for attempt in (1, 2):
-        was_open = not database.is_closed()
+        was_open = pooled or not database.is_closed()
         try:
             database.connect(reuse_if_open=True)
             return operation()
@@ -858,6 +861,10 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
                 and _error_code(exc) in _DISCONNECT_CODES
             ):
                 log.info("Database connection lost (%s); reconnecting", _one_line(exc))
+                if pooled:
+                    # What dropped this one (a restart, a failover) dropped its idle siblings
+                    # too: the retry must not be lent another of them.
+                    database.close_idle()
                 continue
             # Not a warning here: whoever catches the error reports it once, with the detail
             # (the HTTP 503 handler, the readiness check, the publisher's pass, an admin
