@@ -291,7 +291,8 @@ def guarded(app_config, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     server = start_live_server(
-        {**app_config, "RAINER_AUTH": "proxy", "RAINER_POLICY": str(policy)}
+        {**app_config, "RAINER_AUTH": "proxy", "RAINER_POLICY": str(policy),
+         "RAINER_SECRET_KEY": "test-only-secret-key-0123456789abcdef"}
     )
     yield server
     server.stop()
