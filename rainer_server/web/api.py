@@ -134,10 +134,21 @@ def _payload_response(commit: Commit) -> Response:
     return Response(commit.payload or b"", 200, headers=payload_headers(commit))
 
 
+#: The most of an oversized body read (and dropped) before answering 413. A client still
+#: sending when the answer comes and the connection closes gets a broken pipe instead of the
+#: 413; past this, it does (nginx refuses such bodies before they reach us anyway).
+_DRAIN_LIMIT = 32 * 1024 * 1024
+_DRAIN_CHUNK = 64 * 1024
+
+
 def _read_body(limit: int) -> bytes:
-    # Refuse by Content-Length before reading; a chunked body is read to at most limit + 1 bytes.
+    # Refuse by Content-Length before storing anything; a chunked body is read to at most
+    # limit + 1 bytes.
     length = request.content_length
     if length is not None and length > limit:
+        if length <= _DRAIN_LIMIT:
+            while request.stream.read(_DRAIN_CHUNK):
+                pass
         raise PayloadTooLarge(limit)
     body = request.stream.read(limit + 1)
     if len(body) > limit:
