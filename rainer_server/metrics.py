@@ -14,6 +14,7 @@ when it changes, never computed at scrape time: the scraping worker cannot see t
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import Any
@@ -225,12 +226,14 @@ def exposition(accept: str | None = None) -> tuple[bytes, str]:
     for attempt in (1, 2, 3):
         try:
             return encoder(registry), content_type
-        except FileNotFoundError:
-            # The master removes an ended worker's live-gauge files (mark_process_dead); one
-            # removed between the collector's listing of the directory and its reading of the
-            # file is gone for good, so listing again answers correctly.
+        except (FileNotFoundError, struct.error):
+            # Files come and go while a scrape reads them: the master removes an ended
+            # worker's live-gauge files (mark_process_dead), and a worker that just started
+            # creates its files empty before it sizes them. Listing and reading again answers
+            # correctly a moment later.
             if attempt == 3:
                 raise
+            time.sleep(0.01 * attempt)
     raise AssertionError("unreachable")
 
 
