@@ -89,16 +89,17 @@ def test_a_commit_on_another_host_wakes_a_blocking_read(hosts):
 
 @pytest.mark.zookeeper
 def test_the_mirror_fast_path_sends_the_index_and_answers_304(app_config, zk_chroot, tmp_path):
-    server = _start({**app_config, "RAINER_ZK_HOSTS": zk_chroot}, tmp_path)
+    # One worker: the test is about what the fast path answers, not about which worker does
+    # (asking "every worker" through requests depends on how they happen to spread).
+    server = _start({**app_config, "RAINER_ZK_HOSTS": zk_chroot}, tmp_path, workers=1)
     try:
         post(server.url, "k", 1)
         post(server.url, "k", 2)
-        # Every worker's mirror (whichever worker answers a request).
         wait_until(
-            lambda: all(call(f"{server.url}/k")[1].get("X-Rainer-Cached") == "Yes" for _ in range(6)),
-            what="every worker's mirror",
+            lambda: call(f"{server.url}/k")[1].get("X-Rainer-Cached") == "Yes",
+            what="the worker's mirror",
         )
-        for _ in range(4):  # whichever worker answers
+        for _ in range(4):
             status, headers, _ = call(f"{server.url}/k")
             assert headers["X-Rainer-Cached"] == "Yes" and headers["X-Rainer-Index"] == "2"
             assert headers["ETag"] == '"v2"'
