@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 from typing import Any
 
-__version__ = "0.2.0"
+from rainer_server.version import __version__
 
 if TYPE_CHECKING:
     from rainer_server.client import HttpCommitStorage

@@ -27,7 +27,7 @@ from typing import Any
 import click
 import yaml
 
-from rainer_server import __version__
+from rainer_server.version import __version__
 from rainer_server.client import RainerClient
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime

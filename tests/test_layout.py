@@ -64,6 +64,7 @@ LAYER_OF = {
     "chain": "core",
     "diff": "core",
     "merge": "core",
+    "version": "core",
     "storage": "storage",
     "transfer": "transfer",
     "zk": "zk",
@@ -167,6 +168,21 @@ def test_imports_point_down_the_layers_and_frameworks_stay_home():
             home = FRAMEWORK_HOME.get(imported.split(".")[0])
             if home is not None and layer != home:
                 wrong.append(f"{module} ({layer}) imports {imported}, which belongs in {home}/")
+    assert wrong == []
+
+
+def test_no_module_reads_names_from_the_facade():
+    # The package root names every layer (lazily): a module taking a name from it would
+    # depend, as far as any reader of the imports can tell, on the layers above it.
+    modules = _modules()
+    wrong = []
+    for module, path in modules.items():
+        if module == "rainer_server":
+            continue
+        for imported, _top in _imports(path):
+            parent, _, name = imported.rpartition(".")
+            if parent == "rainer_server" and imported not in modules:
+                wrong.append(f"{module} imports {name} from the package root")
     assert wrong == []
 
 

@@ -46,7 +46,7 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound
 
-from rainer_server import __version__
+from rainer_server.version import __version__
 from rainer_server.access import token_digest
 from rainer_server.commit import Commit
 from rainer_server.commit import format_mtime
