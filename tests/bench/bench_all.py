@@ -12,11 +12,17 @@ disturb each other's figures on a 2-core machine):
 2. ``bench_keeper.py``: mirror latency, cached reads, publisher passes against their floors,
    on its own ZooKeeper (issue 3);
 3. ``bench_scale.py``: heads, publisher passes, a mirror's start-up and memory, listings,
-   at 10k keys x 50 versions and 100k keys x 5 versions (issue 5).
+   at 10k keys x 50 versions and 100k keys x 5 versions (issue 5);
+4. ``bench_watch.py``: 1,000 watchers beside ordinary load, wake latency, gevent against sync
+   workers (issue 11).
+
+Before the first and after every benchmark, with nothing of ours running, it samples the CPU
+the rest of the machine uses for a few seconds: a run during which that exceeds
+``QUIET_PCT`` of the CPUs is disturbed, and is never called a pass (exit status 2).
 
 Each writes JSON; this script prints their rows in one table. ``--quick`` shortens the wrk
 runs and the scale scenarios, to check that everything works, not to quote figures.
-Exit status: the worst of the three (0 every target met, 1 a target missed, 2 invalid).
+Exit status: the worst of them (0 every target met, 1 a target missed, 2 invalid or disturbed).
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent.parent
 sys.path.insert(0, str(BENCH))
+
+from keeper_support import CpuWatch  # noqa: E402  (after the path set-up)
+
+#: Background CPU (percent of all CPUs, sampled while none of ours runs) above which a run is
+#: disturbed: its figures may be others' noise.
+QUIET_PCT = 10.0
+QUIET_SAMPLE = 3.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             "keeper": ["bench_keeper.py", "--mysql", mysql_server, *wrk,
                        *(["--samples", "200"] if args.quick else [])],
             "scale": ["bench_scale.py", *(arg for s in scale for arg in ("--scenario", s))],
+            "watch": ["bench_watch.py",
+                      *(["--watchers", "200", "--samples", "40", "--duration", "2"]
+                        if args.quick else [])],
         }
+        background = [sample_background("before the first benchmark")]
         for name, command in runs.items():
             out = Path(tmp) / f"{name}.json"
             print(f"# ---- {name}: {' '.join(command)}", flush=True)
@@ -72,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             ).returncode
             if out.exists():
                 results[name] = json.loads(out.read_text())
+            background.append(sample_background(f"after {name}"))
 
     rows = table_rows(results)
     print()
@@ -82,11 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     for name, status in statuses.items():
         if status not in (0, 1):
             print(f"{name}: INVALID or failed (exit {status}); see its output above")
+    worst = max(pct for _when, pct, _load in background)
+    print(f"background CPU (sampled {QUIET_SAMPLE:.0f} s between benchmarks): "
+          + ", ".join(f"{when} {pct:.0f}% (load {load})" for when, pct, load in background))
+    disturbed = worst > QUIET_PCT
+    if disturbed:
+        print(f"DISTURBED: other processes used up to {worst:.0f}% of the CPUs (limit "
+              f"{QUIET_PCT:.0f}%): these figures are not a pass; run again on a quiet machine")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
-    if any(name not in results for name in statuses):
+        Path(args.json).write_text(json.dumps(
+            {"rows": rows, "runs": results, "background": background, "disturbed": disturbed},
+            indent=2))
+    if disturbed or any(name not in results for name in statuses):
         return 2
     return max(statuses.values())
+
+
+def sample_background(when: str) -> tuple[str, float, str]:
+    """(when, percent of all CPUs other processes used over a few idle seconds, loadavg)."""
+    with CpuWatch([os.getpid()]) as watch:
+        time.sleep(QUIET_SAMPLE)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"# background CPU {when}: {watch.background_pct:.0f}% (load {load})", flush=True)
+    return when, watch.background_pct, load
 
 
 def table_rows(results: dict[str, dict]) -> list[dict]:
@@ -138,9 +174,19 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
                     "target": "",
                     "result": "",
                 })
+    for r in results.get("watch", []):
+        rows.append({
+            "section": r["section"],
+            "figure": r["figure"],
+            "value": r["value"],
+            "unit": r["unit"],
+            "floor": r.get("floor"),
+            "floor_name": r.get("note") or "",
+            "ratio": r.get("ratio"),
+            "target": r.get("target") or "",
+            "result": r.get("result") or "",
+        })
     return rows
-
-
 
 
 def _find_floor(rows: dict[str, dict], name: str | None) -> dict | None:
