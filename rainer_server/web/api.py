@@ -46,6 +46,7 @@ from rainer_server.web.commits import sign
 from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import CACHED
+from rainer_server.web.middleware import edge_headers
 from rainer_server.web.middleware import path_is_utf8
 from rainer_server.web.middleware import INDEX_HEADER
 from rainer_server.web.middleware import etag
@@ -130,6 +131,20 @@ def _found(key: str, version: int | None = None) -> Commit:
     return commit
 
 
+def _edge(response: Response, shared: bool) -> Response:
+    """``response`` with how long caches may keep it (``edge_headers``), unless it says so
+    already (a blocking read's ``no-store``)."""
+    if "Cache-Control" not in response.headers:
+        response.headers.extend(edge_headers(shared))
+    return response
+
+
+def _shared(key: str) -> bool:
+    """Whether an answer about ``key`` may be shared between callers: anyone may read it."""
+    gate = get_rainer().gate
+    return not gate.enabled or gate.policy.anyone_may_read(key)
+
+
 def _payload_response(commit: Commit) -> Response:
     return Response(commit.payload or b"", 200, headers=payload_headers(commit))
 
@@ -172,11 +187,13 @@ def list_heads() -> Response:
         return blocking.changes_answer(
             rainer, caller, since, prefix, lambda c: _meta_with_payload(c, utf8, b64)
         )
-    return blocking.blocking_answer(
+    response = blocking.blocking_answer(
         rainer,
         lambda: _listing(rainer, caller, include_all, utf8, b64, prefix),
         wants=blocking.key_test(rainer, caller, prefix),
     )
+    # The anonymous caller's listing is everyone's; an identity's may show more.
+    return _edge(response, not rainer.gate.enabled or caller.identity is None)
 
 
 def _listing(
@@ -196,11 +213,16 @@ def _listing(
                 newest = min(index, hub.newest_index(lambda key: key.startswith(prefix)))
             else:
                 newest = index
-            cached = (heads, _list_body(heads, False, utf8, b64, prefix), index, newest)
+            body = _list_body(heads, False, utf8, b64, prefix)
+            # Of the body, not of the index: every worker names the same listing alike, so
+            # an edge cache revalidates it with whichever worker it reaches.
+            tag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
+            cached = (heads, body, index, newest, tag)
             rainer.list_cache[flags] = cached
-        return Response(
-            cached[1], 200, mimetype=JSON, headers={**CACHED, INDEX_HEADER: str(cached[3])}
-        ), cached[3]
+        headers = {**CACHED, "ETag": cached[4], INDEX_HEADER: str(cached[3])}
+        if etag_matches(request.headers.get("If-None-Match"), cached[4]):
+            return Response(status=304, headers=headers), cached[3]
+        return Response(cached[1], 200, mimetype=JSON, headers=headers), cached[3]
     storage = rainer.database_storage
     flags = ("storage", include_all, utf8, b64, prefix)
     token = storage.heads_token()
@@ -423,7 +445,8 @@ def whoami() -> Response:
 
 @bp.get("/<key>")
 def get_head(key: str) -> Response:
-    return _key_answer(_may_read(_key(key)), meta=False)
+    key = _may_read(_key(key))
+    return _edge(_key_answer(key, meta=False), _shared(key))
 
 
 class _PreparedResponse(Response):
@@ -439,7 +462,8 @@ class _PreparedResponse(Response):
 
 @bp.get("/<key>/meta")
 def get_head_meta(key: str) -> Response:
-    return _key_answer(_may_read(_key(key)), meta=True)
+    key = _may_read(_key(key))
+    return _edge(_key_answer(key, meta=True), _shared(key))
 
 
 MAX_HISTORY_LIMIT = 1000

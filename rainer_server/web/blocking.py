@@ -25,6 +25,7 @@ from rainer_server.storage.db import cooperative
 from rainer_server.web.auth import Caller
 from rainer_server.web.context import RainerContext
 from rainer_server.web.middleware import INDEX_HEADER
+from rainer_server.web.middleware import NO_STORE
 
 #: The longest ``wait``, and the wait of a blocking read that gives none (Consul's).
 MAX_WAIT = 600.0
@@ -135,6 +136,7 @@ def blocking_answer(
             response, current = answer()
             remaining = deadline - time.monotonic()
             if current > after or remaining <= 0 or hub.stopping:
+                response.headers.extend(NO_STORE)
                 return response
             # A waiting request holds no connection: a thousand watchers, a handful of them.
             rainer.release_connections()
@@ -195,5 +197,5 @@ def changes_answer(
     body = {"index": end, "changes": [{**entry(c), "index": c.index} for c in shown]}
     return Response(
         json.dumps(body, ensure_ascii=False), 200, mimetype="application/json",
-        headers={INDEX_HEADER: str(end)},
+        headers={INDEX_HEADER: str(end), **dict(NO_STORE)},
     )

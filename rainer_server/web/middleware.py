@@ -112,6 +112,31 @@ def not_modified_headers(commit: Commit, index: int) -> list[tuple[str, str]]:
     return [*CACHED.items(), *index_headers(commit, index)]
 
 
+#: An answer one caller may not hand to another: a browser may keep it, revalidating each
+#: time; a shared cache (deploy/nginx/rainer.conf's micro-cache) must not keep it.
+PRIVATE = [("Cache-Control", "private, no-cache")]
+#: An answer that changes with every commit while the client waits for it (a blocking read,
+#: the change feed): nobody keeps it.
+NO_STORE = [("Cache-Control", "no-store")]
+
+
+def edge_headers(shared: bool) -> list[tuple[str, str]]:
+    """How long caches may keep a read's answer: for a second when anyone may read it
+    (``shared``), else ``PRIVATE``.
+
+    ``max-age=1`` is for HTTP caches in general. nginx counts validity in whole seconds, so
+    with ``max-age=1`` alone it could keep an answer made at 10.0 until 12.0: its own header,
+    ``X-Accel-Expires`` at an absolute second (this one), ends the copy when the second the
+    answer was made in ends, never more than 1 s later. nginx hides the header from clients.
+    """
+    if not shared:
+        return PRIVATE
+    return [
+        ("Cache-Control", "public, max-age=1"),
+        ("X-Accel-Expires", f"@{int(time.time())}"),
+    ]
+
+
 class MirrorReads:
     """WSGI middleware: answers ``GET <prefix>/<key>`` from the mirror without Flask.
 
@@ -169,10 +194,11 @@ class MirrorReads:
                     # A caller who may not read it gets Flask's view, which refuses (401/403)
                     # and audits the refusal.
                     environ[ROUTE_ENVIRON_KEY] = self.route
+                    edge = edge_headers(not gate.enabled or gate.policy.anyone_may_read(key))
                     if etag_matches(environ.get("HTTP_IF_NONE_MATCH"), etag(commit)):
-                        start_response("304 Not Modified", not_modified_headers(commit, index))
+                        start_response("304 Not Modified", [*not_modified_headers(commit, index), *edge])
                         return [b""]
-                    start_response("200 OK", list(prepared_headers(self.rainer, commit, index)))
+                    start_response("200 OK", [*prepared_headers(self.rainer, commit, index), *edge])
                     return [commit.payload or b""]
         return self.wsgi_app(environ, start_response)
 
