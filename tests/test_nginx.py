@@ -44,6 +44,7 @@ def render(site: str, listen_port: int, upstream_port: int, prefix: Path) -> str
     site = replace_once(r"^\s*listen 80;$", f"    listen 127.0.0.1:{listen_port};", site)
     site = replace_once(r"^\s*listen \[::\]:80;$", "", site)
     site = replace_once(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{upstream_port};", site)
+    site = replace_once(r"proxy_cache_path /var/cache/nginx/rainer ", f"proxy_cache_path {prefix / 'cache'} ", site)
     return nginx_conf(site, prefix)
 
 
