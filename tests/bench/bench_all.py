@@ -14,7 +14,10 @@ disturb each other's figures on a 2-core machine):
 3. ``bench_scale.py``: heads, publisher passes, a mirror's start-up and memory, listings,
    at 10k keys x 50 versions and 100k keys x 5 versions (issue 5);
 4. ``bench_watch.py``: 1,000 watchers beside ordinary load, wake latency, gevent against sync
-   workers (issue 11).
+   workers (issue 11);
+5. ``bench_edge.py``: reads through the shipped nginx site (micro-cache hits, and reads that
+   bypass it) against direct reads and against etcd (v3 range and put, v2 GET and PUT) as the
+   peer (issue 13).
 
 Before the first and after every benchmark, with nothing of ours running, it samples the CPU
 the rest of the machine uses for a few seconds: a run during which that exceeds
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             "watch": ["bench_watch.py",
                       *(["--watchers", "200", "--samples", "40", "--duration", "2"]
                         if args.quick else [])],
+            "edge": ["bench_edge.py", "--mysql", mysql_server,
+                     *(["--duration", "2", "--warmup", "1", "--rounds", "2"] if args.quick else [])],
         }
         background = [sample_background("before the first benchmark")]
         for name, command in runs.items():
@@ -185,6 +190,18 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
             "ratio": r.get("ratio"),
             "target": r.get("target") or "",
             "result": r.get("result") or "",
+        })
+    for r in results.get("edge", {}).get("table", []):
+        rows.append({
+            "section": "edge",
+            "figure": r["scenario"],
+            "value": r["rps"],
+            "unit": "req/s",
+            "floor": r.get("floor_rps"),
+            "floor_name": r.get("against") or "",
+            "ratio": r.get("ratio"),
+            "target": r.get("target") or "",
+            "result": r.get("verdict") or "",
         })
     return rows
 
