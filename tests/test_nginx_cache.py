@@ -104,11 +104,13 @@ def site(tmp_path):
 @pytest.fixture(params=["database", "mirror"])
 def reading_site(request, tmp_path):
     """Reads answered from the database (no ZooKeeper), or from the ZooKeeper mirror (the
-    WSGI fast path), as the README deploys it."""
+    WSGI fast path), as the README deploys it. One worker: when gunicorn answers a commit's
+    version directly, every answer it gives after that is as new (two workers' mirrors may
+    see a commit some milliseconds apart; that lag is the mirror's, not the cache's)."""
     env = {}
     if request.param == "mirror":
         env["RAINER_ZK_HOSTS"] = request.getfixturevalue("zk_chroot")
-    yield from _site(tmp_path, env)
+    yield from _site(tmp_path, env, workers=1)
 
 
 @pytest.fixture
@@ -172,8 +174,12 @@ def test_a_commit_is_read_through_the_cache_within_a_second(reading_site):
             return json.loads(body)["version"]
         return json.loads(body)["svc"]["version"]
 
+    direct = f"http://127.0.0.1:{site.server.port}/diary/svc"
     for new in (2, 3):
         _post(site, "svc", new, b'{"threads": %d}' % new)
+        # From the moment gunicorn itself answers the new version (at once without ZooKeeper,
+        # once the mirror has it with), nginx may show the old one for at most a second.
+        _until(lambda: request(direct)[1].get("X-Rainer-Version") == str(new), what=f"version {new}")
         acknowledged = time.monotonic()
         for name, url in urls.items():
             stale_sent = None
@@ -202,7 +208,6 @@ def test_an_expired_copy_is_renewed_with_a_304_and_clients_revalidate_too(site):
     status, headers, body = _hit(url)
     assert status == 200 and body == b'{"threads": 1}'
     tag = headers["ETag"]
-    before = site.upstream_requests("GET /diary/svc")
 
     # Past its second the copy is asked for again with If-None-Match; the app answers 304
     # (no payload), nginx serves the copy it has, now renewed.
@@ -211,8 +216,7 @@ def test_an_expired_copy_is_renewed_with_a_304_and_clients_revalidate_too(site):
         what="a revalidated copy",
     )
     assert status == 200 and body == b'{"threads": 1}' and headers["ETag"] == tag
-    assert site.wait_logged("GET /diary/svc", before + 1) >= before + 1
-    assert re.search(r'"GET /diary/svc HTTP/1\.1" 304 ', site.server.output()), site.server.output()
+    _until(lambda: re.search(r'"GET /diary/svc HTTP/1\.1" 304 ', site.server.output()), what="the key's 304")
 
     # A client's own If-None-Match is answered 304 from the cache as from the app; another
     # tag gets the payload.
@@ -228,7 +232,8 @@ def test_an_expired_copy_is_renewed_with_a_304_and_clients_revalidate_too(site):
         what="a revalidated listing",
     )
     assert status == 200 and json.loads(body)["svc"]["version"] == 1
-    assert re.search(r'"GET /diary HTTP/1\.1" 304 ', site.server.output()), site.server.output()
+    # gunicorn's worker writes its access log line after answering: wait for it.
+    _until(lambda: re.search(r'"GET /diary HTTP/1\.1" 304 ', site.server.output()), what="the listing's 304")
 
 
 # ---------------------------------------------------------------------- what bypasses
