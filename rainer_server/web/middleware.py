@@ -196,7 +196,9 @@ class MirrorReads:
                     environ[ROUTE_ENVIRON_KEY] = self.route
                     edge = edge_headers(not gate.enabled or gate.policy.anyone_may_read(key))
                     if etag_matches(environ.get("HTTP_IF_NONE_MATCH"), etag(commit)):
-                        start_response("304 Not Modified", [*not_modified_headers(commit, index), *edge])
+                        start_response(
+                            "304 Not Modified", [*not_modified_headers(commit, index), *edge]
+                        )
                         return [b""]
                     start_response("200 OK", [*prepared_headers(self.rainer, commit, index), *edge])
                     return [commit.payload or b""]
