@@ -355,7 +355,15 @@ def test_the_cache_never_hands_one_caller_what_another_may_not_read(auth_site, t
     assert headers["X-Cache-Status"] == "BYPASS" and json.loads(body).keys() == {"public", "secret.db"}
     status, headers, _ = request(f"{site.api}/public", headers={"Authorization": "Bearer rnr_wrong"})
     assert status == 401 and headers["X-Cache-Status"] == "BYPASS"
+    # An empty Authorization header is no credential, for nginx and the app alike: the
+    # anonymous caller's answers, shared.
+    status, headers, body = request(f"{site.api}/public", headers={"Authorization": ""})
+    assert status == 200 and body == b'"hello"' and headers["X-Cache-Status"] != "BYPASS"
+    assert request(f"{site.api}/secret.db", headers={"Authorization": ""})[0] == 401
+    direct_empty = request(f"{direct}/public", headers={"Authorization": ""})
+    assert direct_empty[0] == 200 and direct_empty[1]["Cache-Control"] == "public, max-age=1"
 
     # Nothing alice read was stored: the anonymous reads above all reached the app.
     # alice 3 times, once directly, then the anonymous caller, bob and a bad token 3 times each.
-    assert site.wait_logged("GET /diary/secret.db", 13) == 13
+    # Then the empty header's read of it, refused by the app too.
+    assert site.wait_logged("GET /diary/secret.db", 14) == 14

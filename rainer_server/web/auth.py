@@ -90,7 +90,9 @@ class Gate:
             return ANONYMOUS
         peer = environ.get("REMOTE_ADDR")
         if "token" in self.modes:
-            authorization = environ.get("HTTP_AUTHORIZATION")
+            # An empty header carries no credentials: the caller is anonymous, as nginx's
+            # micro-cache (deploy/nginx/rainer.conf) takes it to be when it shares answers.
+            authorization = environ.get("HTTP_AUTHORIZATION") or None
             # Another scheme (Basic, from a proxy that checked the password itself) is not a
             # token: with proxy mode on, the proxy's identity header decides instead.
             if authorization is not None and (
