@@ -1,7 +1,8 @@
 """What gunicorn's server hooks do for Rainer; ``config/gunicorn.conf.py`` only calls these.
 
-Each worker gets its own ZooKeeper client, mirror and election contender, started after the
-fork (threads and sockets do not survive ``fork``). Every worker contends; one publishes.
+Each worker gets its own ZooKeeper client, mirror and election contender, started once the
+worker has initialised (threads and sockets do not survive ``fork``; a gevent worker's event
+loop is only ready then). Every worker contends; one publishes.
 
 The master prepares the Prometheus multiprocess directory before the app is loaded and drops
 a dead worker's live gauges; each worker routes the ``rainer_server`` log to gunicorn's error
@@ -171,22 +172,24 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Route logging; connect this worker to ZooKeeper (when configured) and join the
-    publisher election."""
+    """Route logging (ZooKeeper starts in ``post_worker_init``)."""
     route_logging(server)
-    rainer = _rainer(worker)
-    if rainer is not None and rainer.settings.zk_hosts:
-        rainer.start_zookeeper()
-        server.log.info("Worker %s joined the Rainer publisher election", worker.pid)
 
 
 def post_worker_init(worker: Any) -> None:
-    """After the worker set its signal handlers: on ``TERM`` (a stop, or a ``HUP`` reload
-    replacing this worker) waiting requests answer at once with what they have, so the
-    worker ends well within the graceful timeout."""
+    """Connect this worker to ZooKeeper (when configured) and join the publisher election;
+    then, on ``TERM`` (a stop, or a ``HUP`` reload replacing this worker), have waiting
+    requests answer at once with what they have, so the worker ends well within the
+    graceful timeout."""
     rainer = _rainer(worker)
     if rainer is None:
         return
+    if rainer.settings.zk_hosts:
+        # Here rather than in post_fork: gunicorn's gevent worker re-creates its event loop
+        # (``hub.reinit()``) between the two hooks, and kazoo's connection and callback
+        # threads (greenlets under gevent) and sockets belong on the loop that will run them.
+        rainer.start_zookeeper()
+        worker.log.info("Worker %s joined the Rainer publisher election", worker.pid)
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:

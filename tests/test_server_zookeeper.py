@@ -3,14 +3,20 @@ elected publisher among gunicorn workers that survives SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from rainer_server import Commit
 from rainer_server import create_app
+from rainer_server.storage.db import DbCommitStorage
+from rainer_server.storage.db import open_database
+from tests.test_gunicorn import ROOT
 from tests.test_gunicorn import Gunicorn
 from tests.test_gunicorn import request
 from tests.zkserver import free_port
@@ -235,3 +241,95 @@ def test_one_publisher_among_gunicorn_workers_and_sigkill_hands_over(zk_chroot, 
         server.stop()
     # worker_exit left the election cleanly: no contender waits for a session timeout.
     wait_for(lambda: election.contenders() == [], 3, "contenders gone after SIGTERM")
+
+
+@pytest.mark.gunicorn
+def test_a_gevent_worker_starts_zookeeper_over_a_thousand_keys_every_time(zk_chroot, zk, tmp_path):
+    """One gevent worker reading 1,200 znodes at start: the burst of requests from many
+    greenlets at once once made kazoo drop its connection ("Connection has been closed"), and
+    the mirror and the election never started in 3 starts out of 4. Several starts in a row,
+    each must end with the mirror complete and the worker contending."""
+    keys = 1200
+    zk.ensure_path("/rainer/data")
+    created = [
+        zk.create_async(f"/rainer/data/k{i:04d}", jvm_znode(f"k{i:04d}", 1, b'{"i":%d}' % i))
+        for i in range(keys)
+    ]
+    for result in created:
+        result.get(timeout=30)
+    # The journal holds them too, so the first leader compares every head with its znode.
+    storage = DbCommitStorage(open_database(f"sqlite:///{tmp_path}/gevent.db"))
+    storage.start()
+    with storage.database.atomic():
+        for i in range(keys):
+            storage.save(Commit.deserialize(jvm_znode(f"k{i:04d}", 1, b'{"i":%d}' % i)))
+    storage.stop()
+    election = zk.Election("/rainer/election")
+    env = {
+        "RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/gevent.db",
+        "RAINER_ZK_HOSTS": zk_chroot,
+        "RAINER_ZK_SESSION_TIMEOUT": "4",
+        "RAINER_WORKER_CLASS": "gevent",
+        "RAINER_TEST_LOG_DIR": str(tmp_path),
+    }
+    for start in range(4):
+        server = Gunicorn(env, workers=1)
+        try:
+            server.wait_ready()
+
+            def ready():
+                status, _, body = request(server.url.removesuffix("/diary") + "/readyz")
+                return status == 200 and json.loads(body)
+
+            try:
+                wait_for(ready, 20, f"/readyz (start {start + 1})")
+                wait_for(lambda: len(election.contenders()) == 1, 10, f"a contender (start {start + 1})")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the server said:\n{server.output()[-3000:]}") from None
+            status, _, body = request(server.url + "/k0999")
+            assert status == 200 and body == b'{"i":999}'
+        finally:
+            server.stop()
+        wait_for(lambda: election.contenders() == [], 10, "the contender gone")
+
+
+# Run in a child process: gevent's monkey-patching must come before anything else is imported.
+BURST_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import collections, sys, time
+import gevent
+from rainer_server.zk.keeper import make_kazoo_client
+
+client = make_kazoo_client(sys.argv[1])
+client.start(timeout=15)
+results = []
+
+def burst(n):
+    # Never yields between calls: each greenlet fills kazoo's wake-up socket in turn.
+    for i in range(n):
+        results.append(client.exists_async(f"/burst-{i}"))
+
+gevent.joinall([gevent.spawn(burst, 500) for _ in range(4)])
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and not all(r.ready() for r in results):
+    gevent.sleep(0.05)
+outcomes = collections.Counter(
+    ("ok" if r.successful() else type(r.exception).__name__) if r.ready() else "unanswered"
+    for r in results
+)
+print(dict(outcomes))
+"""
+
+
+def test_greenlets_sending_zookeeper_requests_at_once_all_get_answers(zk_chroot):
+    """What broke a gevent worker's start over a thousand keys: kazoo wakes its connection by
+    writing a byte to a socket per request; once that socket's buffer is full, a second
+    greenlet writing meets gevent's "socket already used by another greenlet", which kazoo
+    turns into "Connection has been closed" for that request (or leaves it unanswered)."""
+    result = subprocess.run(
+        [sys.executable, "-c", BURST_SCRIPT, zk_chroot],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{'ok': 2000}", result.stdout + result.stderr

@@ -323,3 +323,32 @@ def test_watchers_never_learn_of_keys_they_may_not_read(guarded):
     # Nor can she wait on a secret key.
     assert call(f"{base}/secret.a?index=0&wait=1s", headers=alice)[0] == 403
     assert call(f"{base}/secret.a?index=0&wait=1s")[0] == 401
+
+
+# ---------------------------------------------------------------------- the hub itself
+
+
+@pytest.mark.parametrize("wants", [None, "k"], ids=["listing", "key"])
+def test_a_waiter_registered_before_the_hub_starts_wakes_for_a_commit_before_it_starts(
+    db_storage, wants
+):
+    """The race a request meets on a fresh worker: it registers (the hub is not following yet)
+    and reads index N from the database; commit N+1 lands; only then does the hub read where
+    the journal is, N+1. Nothing after that is new to the hub, so it must wake what waited
+    already, or the request sleeps through its whole ``wait``."""
+    from rainer_server.web.watch import WatchHub
+    from tests.storage_contract import commit
+
+    db_storage.save(commit("k", 1))
+    after = db_storage.last_index()
+    hub = WatchHub(db_storage, poll_interval=0.05)
+    waiter = hub.register(after, key=wants)
+    db_storage.save(commit("k", 2))
+    try:
+        hub.start()
+        assert hub.wait_ready(10)
+        assert hub.index == after + 1
+        assert waiter.event.wait(10), "the commit that landed before the hub started never woke it"
+    finally:
+        hub.unregister(waiter)
+        hub.stop()

@@ -1,8 +1,8 @@
 """The running service behind a Flask app: settings, storage, ZooKeeper, and response caches.
 
 Views, commands and middleware reach it with ``get_rainer()``. Nothing is opened when it is
-made: the database on first use, ZooKeeper on first use or from gunicorn's ``post_fork``
-hook, once per process. So ``preload_app`` forks no sockets and no threads.
+made: the database on first use, ZooKeeper on first use or from gunicorn's
+``post_worker_init`` hook, once per process. So ``preload_app`` forks no sockets and no threads.
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ class RainerContext:
         with self._lock:
             hub = self._watch_hub
             if hub is None:
-                # The storage is started on the hub's thread: ZooKeeper's start (post_fork)
-                # must not wait for the database.
+                # The storage is started on the hub's thread: ZooKeeper's start
+                # (post_worker_init) must not wait for the database.
                 hub = self._watch_hub = WatchHub(lambda: self.database_storage, self.mirror)
                 hub.start()
         return hub

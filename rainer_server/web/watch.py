@@ -126,7 +126,7 @@ class WatchHub:
         self._stopping.set()
         self._poke.set()
         with self._lock:
-            waiters = [*self._other_waiters, *(w for ws in self._key_waiters.values() for w in ws)]
+            waiters = self._all_waiters()
         for waiter in waiters:
             waiter.event.set()
         if self._unsubscribe is not None:
@@ -177,12 +177,21 @@ class WatchHub:
                 self.heads = heads
                 self._unmirrored = dict(heads)
                 self.index = max([index, *(h[1] for h in heads.values())])
+                waiters = self._all_waiters()
             self._unsubscribe = self.mirror.subscribe(self._on_view)
             self._on_view(self.mirror.current)
         else:
             with self._lock:
                 self.index = index
+                waiters = self._all_waiters()
         self._ready.set()
+        # The position jumped from 0 to ``index`` without announcing the commits in between:
+        # a request registered before (its answer read an older index) may be waiting for one
+        # of them, and the feed will never show it again. Wake every such waiter: it reads
+        # again and waits again if nothing it wants changed, so a spurious wake costs one
+        # read. Waiters registered from here on read after the jump, and the feed has the rest.
+        for waiter in waiters:
+            waiter.event.set()
         log.debug("Watch: following the journal from index %s", self.index)
 
     # ------------------------------------------------------------------ the feed
@@ -285,6 +294,10 @@ class WatchHub:
                         del self._key_waiters[waiter.key]
             else:
                 self._other_waiters.discard(waiter)
+
+    def _all_waiters(self) -> list[Waiter]:
+        # Under ``_lock``.
+        return [*self._other_waiters, *(w for ws in self._key_waiters.values() for w in ws)]
 
     @property
     def waiting(self) -> int:

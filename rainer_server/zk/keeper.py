@@ -37,6 +37,7 @@ from rainer_server.errors import InvalidCommit
 from rainer_server.errors import KeeperError
 from rainer_server.errors import LostCompareAndSet
 from rainer_server.payloads import KeyValueDeserialization
+from rainer_server.zk.connection import SerialKazooClient
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.znode import describe_size
 from rainer_server.zk.znode import join
@@ -69,7 +70,8 @@ def make_kazoo_client(hosts: str, session_timeout: float = 10.0, **kwargs: Any) 
     # outage. Only the delay between tries changes. Jitter <= 0.2 keeps a try within ~1.2 s.
     connection_retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.2, max_delay=1.0)
     command_retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.2, max_delay=1.0)
-    return KazooClient(
+    # Serialised submission: several greenlets of a gevent worker may send at once.
+    return SerialKazooClient(
         hosts=hosts,
         timeout=session_timeout,
         connection_retry=connection_retry,
