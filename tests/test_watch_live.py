@@ -77,8 +77,10 @@ def test_a_commit_on_another_host_wakes_a_blocking_read(hosts):
         status, headers, body = result["answer"]
         assert status == 200 and body == b'{"v": %d}' % version
         assert int(headers["X-Rainer-Index"]) > index
-        # Without ZooKeeper one poll of the index per process, every 0.25 s.
-        assert result["at"] - sent < 1.0
+        # Woken by the commit, not by the end of its 20 s wait. How soon (one poll of the
+        # index per process every 0.25 s without ZooKeeper, the mirror's watch with it) is
+        # bench_watch.py's figure: a timed bound here would fail on a loaded machine.
+        assert result["at"] - sent < 10.0
         index = int(headers["X-Rainer-Index"])
     # And a blocking read that sees nothing answers unchanged at the end of its wait. (Each
     # wait starts from the last answer's index: a plain read may come from a worker whose
