@@ -15,6 +15,7 @@ from rainer_server.commit import Commit
 from rainer_server.storage.memory import MemoryCommitStorage
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.keeper import make_kazoo_client
+from rainer_server.zk.publisher import AutoPublisher
 from rainer_server.zk.publishing import keeper_publishing
 from rainer_server.zk.repair import DriftRepair
 from rainer_server.zk.znode import parse_znode
@@ -134,3 +135,26 @@ def test_a_save_that_fails_on_zookeeper_tells_the_suspect_listeners(proxied):
     with pytest.raises(Exception):
         keeper.save(commit("k", 2))
     assert seen == ["k"]
+
+
+def test_a_leader_back_from_a_connection_loss_publishes_at_once_not_a_period_later(proxied, zk):
+    proxy, client, states = proxied
+    keeper = CommitKeeper(client, BASE, timeout=1.0)
+    storage = MemoryCommitStorage()
+    storage.save(commit("k", 1))
+    keeper.save(commit("k", 1))
+    # A period far longer than the test, first pass one period after winning: only a pass
+    # at once after the loss can publish.
+    publisher = AutoPublisher(client, keeper, storage, period=3600, fuzz=0.0, delay=True)
+    publisher.start()
+    try:
+        wait_until(lambda: publisher.is_leader, what="leadership")
+        cut(proxy, client, states)
+        wait_until(lambda: not publisher.is_leader, what="the leader to step down")
+        storage.save(commit("k", 2))  # by a process that died before publishing it
+        proxy.restore()
+        wait_until(lambda: znode_version(zk, "k") == 2, timeout=10,
+                   what="a pass right after the reconnect")
+        assert publisher.passes == 1
+    finally:
+        publisher.close()

@@ -40,8 +40,10 @@ from rainer_server.zk.keeper import CommitKeeper
 log = logging.getLogger(__name__)
 
 #: Seconds before trying again the keys whose repair failed (ZooKeeper or the storage still
-#: out while the client reports connected).
+#: out while the client reports connected); doubled after each failure in a row, up to
+#: ``_MAX_RETRY``, so a long database outage costs a log line every few seconds, not a stream.
 DEFAULT_RETRY = 1.0
+_MAX_RETRY = 15.0
 
 
 class DriftRepair:
@@ -69,6 +71,7 @@ class DriftRepair:
         self._cond = threading.Condition()
         self._suspects: set[str] = set()
         self._not_before = 0.0
+        self._backoff = retry
         self._connected = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -119,7 +122,8 @@ class DriftRepair:
         with self._cond:
             self._connected = state == KazooState.CONNECTED
             if self._connected:
-                self._not_before = 0.0  # back: every suspect at once, not after a backoff
+                # Back: every suspect at once, not after a backoff.
+                self._not_before, self._backoff = 0.0, self.retry
             self._cond.notify_all()
 
     def _due(self) -> bool:
@@ -138,10 +142,13 @@ class DriftRepair:
                 keys, self._suspects = sorted(self._suspects), set()
             log.info("Re-checking %d key(s) whose ZooKeeper write failed or timed out", len(keys))
             failed = self.repair(keys, lambda: self.client.connected and not self._stopping)
-            if failed:
-                with self._cond:
+            with self._cond:
+                if failed:
                     self._suspects.update(failed)
-                    self._not_before = time.monotonic() + self.retry
+                    self._not_before = time.monotonic() + self._backoff
+                    self._backoff = min(2 * self._backoff, _MAX_RETRY)
+                else:
+                    self._backoff = self.retry
 
     def repair(self, keys: list[str], may_write: Callable[[], bool] = lambda: True) -> list[str]:
         """Publish the storage's head of each of ``keys``; return the keys to try again."""
@@ -153,8 +160,8 @@ class DriftRepair:
                 with lock_head(key) as head:
                     if head is not None:
                         result = self.keeper.save(head)
-                        log.info("Re-checked commit %s (version[%s]): %s", key, head.version,
-                                 result.value)
+                        log.debug("Re-checked commit %s (version[%s]): %s", key, head.version,
+                                  result.value)
                 self.repaired += 1
             except LostCompareAndSet:
                 return keys[index:]  # someone wrote it meanwhile: decide again on fresh reads
