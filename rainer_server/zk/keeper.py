@@ -448,6 +448,12 @@ class CommitKeeper:
             transaction = self.client.transaction()
             for kind, path, *args in operations:
                 getattr(transaction, _OPERATIONS[kind])(path, *args)
+            if not self.client.connected:
+                # Dropped since our reads: kazoo would queue the write and send it whenever it
+                # reconnects, after the storage may have moved on. Under gevent nothing runs
+                # between this check and the queueing; with threads, a write queued in that instant is
+                # defused if it is still queued when the wait gives up.
+                raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
             try:
                 results = self.wait_for(transaction.commit_async(), deadline)
             except KeeperError:
