@@ -451,8 +451,8 @@ class CommitKeeper:
             if not self.client.connected:
                 # Dropped since our reads: kazoo would queue the write and send it whenever it
                 # reconnects, after the storage may have moved on. Under gevent nothing runs
-                # between this check and the queueing; with threads, a write queued in that instant is
-                # defused if it is still queued when the wait gives up.
+                # between this check and the queueing; with threads, a write queued in that
+                # instant is defused if it is still queued when the wait gives up.
                 raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
             try:
                 results = self.wait_for(transaction.commit_async(), deadline)
@@ -483,7 +483,6 @@ class CommitKeeper:
                 raise _refused_name(error) from error
             raise KeeperError(f"ZooKeeper error: {error!r}") from error
         raise KeeperError(f"Cannot create {self.data_path} and {self.deleted_path}")
-
 
     def _defuse(self, transaction: Any) -> None:
         """Make ``transaction`` fail on the server if kazoo has not sent it yet.

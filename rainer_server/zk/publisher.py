@@ -505,11 +505,11 @@ class AutoPublisher:
                 if not first and self._wait(self.next_interval(), term):
                     break
                 first = False
-                self._repair_due = False
                 # Someone may have deleted our election node (an operator cleaning up): then
                 # another contender leads already. One read per period keeps that honest.
                 if not self._may_lead(term) or not self._owns_election_node():
                     break
+                self._repair_due = False  # a loss from now on calls for another pass
                 try:
                     self.publish_all(lambda: self._may_lead(term))
                 except Exception as exc:
