@@ -3,8 +3,8 @@ own, two gunicorn hosts and nginx (``tests/faults/cluster.py``), broken as produ
 
 Each case is a scenario of ``tests/faults/scenarios.py`` in its short form and must meet every
 target; the checker's histories, dumps and logs of a failed one are kept (the path is in the
-failure message). The full run, with longer faults, the figure table and the three ZooKeeper
-outages (leader killed, quorum lost, partition), is ``python3 tests/faults/run.py``.
+failure message). The full run, with longer faults and the figure table, is
+``python3 tests/faults/run.py``.
 
 Needs java with Debian's zookeeper jars, mariadbd and nginx (``scripts/test`` installs them);
 without them the module skips, and under CI=true fails. It never touches the shared MariaDB.
@@ -29,10 +29,8 @@ pytestmark = [pytest.mark.mysql, pytest.mark.zookeeper, pytest.mark.gunicorn]
 
 #: The scenarios that pass every time, in the order they run (the database moves before it is
 #: killed; the control run, which leaves the journal behind ZooKeeper on purpose, is last).
-#: zk-leader, quorum and partition pass in the full run (tests/faults/run.py) but not every
-#: time in their short form: a ZooKeeper write that timed out during the outage may still be
-#: applied after it (README, "Reliability"), which the checker counts as a resurrected delete.
-FAST = ["racing", "host-kill", "churn", "db-move", "db-kill", "db-kill-control"]
+FAST = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "db-move", "db-kill",
+        "db-kill-control"]
 
 
 @pytest.fixture(scope="module")

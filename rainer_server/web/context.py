@@ -187,6 +187,8 @@ class RainerContext:
             )
             # Before the publisher starts, so that no leadership change is missed.
             rainers.report_to(metrics.metrics().zookeeper, mirror)
+            if rainers.drift_repair is not None:
+                rainers.drift_repair.start()
             rainers.auto_publisher.start()
             self.zk_client, self.mirror, self.rainers = client, mirror, rainers
             # With the mirror: its changes wake watchers, and place its commits in the index.
@@ -242,6 +244,8 @@ class RainerContext:
             self.rainers = self.mirror = self.zk_client = None
             if rainers is not None:
                 rainers.auto_publisher.close()
+                if rainers.drift_repair is not None:
+                    rainers.drift_repair.close()
             if mirror is not None:
                 mirror.close()
             if client is not None:

@@ -123,6 +123,10 @@ class CommitKeeper:
         # A worker's first writes race its client's first connection (started in the
         # background): until then, calls wait for it, at most ``timeout`` after this point.
         self._first_connect_deadline = time.monotonic() + timeout
+        #: Called with a key whose save failed on ZooKeeper itself (unreachable, timed out,
+        #: connection lost): ZooKeeper may now hold less than the storage, or a write whose
+        #: outcome is unknown may still land. ``zk.repair.DriftRepair`` re-checks such keys.
+        self.suspect_listeners: list[Callable[[str], object]] = []
 
     def __repr__(self) -> str:
         return f"CommitKeeper({self.base_path!r})"
@@ -240,6 +244,24 @@ class CommitKeeper:
     # ------------------------------------------------------------------ writes
 
     def save(self, commit: Commit) -> SaveResult:
+        """``_save(commit)``; a failure on ZooKeeper itself makes the key a suspect (see
+        ``suspect_listeners``)."""
+        try:
+            return self._save(commit)
+        except CommitTooLarge:
+            raise  # refused by us, the same every time: nothing to re-check
+        except KeeperError:
+            self._suspect(commit.key)
+            raise
+
+    def _suspect(self, key: str) -> None:
+        for listener in list(self.suspect_listeners):
+            try:
+                listener(key)
+            except Exception:
+                log.exception("Keeper suspect listener %r failed", listener)
+
+    def _save(self, commit: Commit) -> SaveResult:
         """Publish ``commit`` to its znode according to spec §5's table, keeping deletes.
 
         Never rolls a key back: a commit whose version is not above the znode's (and which is
@@ -283,9 +305,7 @@ class CommitKeeper:
                 )
                 return SaveResult.DELETED
             payload = self._serialize(commit)
-            self._write(
-                self.client.set_async(path, payload, version=stat.version), deadline, commit, None
-            )
+            self._transact([("set", path, payload, stat.version)], deadline, commit, None)
             return SaveResult.UPDATED
 
         if commit.empty and commit.version > existing.version:
@@ -306,12 +326,7 @@ class CommitKeeper:
                 commit.version,
                 path,
             )
-            self._write(
-                self.client.set_async(path, payload, version=stat.version),
-                deadline,
-                commit,
-                existing,
-            )
+            self._transact([("set", path, payload, stat.version)], deadline, commit, existing)
             return SaveResult.UPDATED
         # Same or older version with different content: publishing it would be a rollback, or
         # would overwrite a commit that some other writer got in first.
@@ -402,14 +417,6 @@ class CommitKeeper:
             raise CommitTooLarge(commit.key, commit.version, len(payload), self.max_znode_bytes)
         return payload
 
-    def _write(self, result: Any, deadline: float, commit: Commit, existing: Commit | None) -> None:
-        # A write that times out stays queued in kazoo and may still reach the server later;
-        # that is harmless because every write is conditional (stat version, or create).
-        try:
-            self.wait_for(result, deadline)
-        except (BadVersionError, NodeExistsError, NoNodeError) as exc:
-            raise self._concurrent(commit, existing, exc) from exc
-
     def _concurrent(
         self, commit: Commit, existing: Commit | None, exc: Exception
     ) -> LostCompareAndSet:
@@ -436,13 +443,24 @@ class CommitKeeper:
         """Apply ``operations`` (``(kind, path, *args)``, kind a kazoo transaction method) at once.
 
         Every operation is conditional (a create, or a stat version), so retrying after a
-        missing parent, or a transaction that times out and still lands later, is harmless.
+        missing parent is harmless. A transaction whose outcome is unknown (timed out, or the
+        connection dropped) is defused before ``KeeperError`` is raised: see ``_defuse``.
         """
         for attempt in (1, 2):
             transaction = self.client.transaction()
             for kind, path, *args in operations:
                 getattr(transaction, _OPERATIONS[kind])(path, *args)
-            results = self.wait_for(transaction.commit_async(), deadline)
+            if not self.client.connected:
+                # Dropped since our reads: kazoo would queue the write and send it whenever it
+                # reconnects, after the storage may have moved on. Under gevent nothing runs
+                # between this check and the queueing; with threads, a write queued in that
+                # instant is defused if it is still queued when the wait gives up.
+                raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
+            try:
+                results = self.wait_for(transaction.commit_async(), deadline)
+            except KeeperError:
+                self._defuse(transaction)
+                raise
             failure = next(
                 (
                     (kind, result)
@@ -467,6 +485,27 @@ class CommitKeeper:
                 raise _refused_name(error) from error
             raise KeeperError(f"ZooKeeper error: {error!r}") from error
         raise KeeperError(f"Cannot create {self.data_path} and {self.deleted_path}")
+
+    def _defuse(self, transaction: Any) -> None:
+        """Make ``transaction`` fail on the server if kazoo has not sent it yet.
+
+        kazoo queues a request made while the connection is down (or dropping) and sends it
+        first thing after reconnecting, maybe many seconds later. Its compare-and-set may
+        still match then, because nobody could write meanwhile, so a commit the storage has
+        since replaced (by a tombstone, say) would be published after that newer commit was
+        acknowledged. Each operation is replaced, last to first, by a check no znode passes:
+        whatever the connection thread serializes, before, during or after this, is the
+        original transaction (it was being sent already) or one that fails as a whole.
+        Whatever was sent already is left to ``DriftRepair``: the caller marks the key a
+        suspect.
+        """
+        # Built by kazoo, so that the path carries the client's chroot.
+        probe = self.client.transaction()
+        probe.check(self.data_path, _NO_VERSION)
+        failing = probe.operations[0]
+        operations = transaction.operations  # the very list the queued request holds
+        for index in range(len(operations) - 1, -1, -1):
+            operations[index] = failing
 
 
 class _Record:
@@ -528,6 +567,9 @@ class _DeletionRecords:
         # Tombstones carry no payload: nothing to deserialize.
         self.deserialization = None
 
+
+#: A stat version no znode has (-1 means "any"): a check against it always fails.
+_NO_VERSION = -2
 
 _OPERATIONS = {"create": "create", "delete": "delete", "set": "set_data", "check": "check"}
 

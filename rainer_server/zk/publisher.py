@@ -264,6 +264,8 @@ class AutoPublisher:
         self._cond = threading.Condition()
         self._connected = False
         self._losses = 0  # SUSPENDED/LOST transitions seen: a leader term is valid while unchanged
+        # A loss since the last pass started: the next term's first pass runs at once.
+        self._repair_due = False
         self._stopping = False
         self._leading = False
         self._thread: threading.Thread | None = None
@@ -456,6 +458,7 @@ class AutoPublisher:
             else:
                 self._connected = False
                 self._losses += 1
+                self._repair_due = True
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -497,7 +500,7 @@ class AutoPublisher:
         self._leading = True
         self._notify(self.leader_listeners, True)
         try:
-            first = not self.delay
+            first = not self.delay or self._repair_after_outage()
             while True:
                 if not first and self._wait(self.next_interval(), term):
                     break
@@ -506,6 +509,7 @@ class AutoPublisher:
                 # another contender leads already. One read per period keeps that honest.
                 if not self._may_lead(term) or not self._owns_election_node():
                     break
+                self._repair_due = False  # a loss from now on calls for another pass
                 try:
                     self.publish_all(lambda: self._may_lead(term))
                 except Exception as exc:
@@ -521,6 +525,17 @@ class AutoPublisher:
             self._leading = False
             self._notify(self.leader_listeners, False)
             log.info("Stopped automatic commit publishing (%s)", self.identifier)
+
+    def _repair_after_outage(self) -> bool:
+        """Whether this term starts after a connection loss (then its first pass is at once).
+
+        While ZooKeeper was out, writers saved to the storage without reaching it, and a
+        write that timed out may have landed when quorum returned: waiting a period would
+        leave ZooKeeper behind the storage for that long.
+        """
+        if self._repair_due:
+            log.info("Publishing at once: ZooKeeper was out since the last pass")
+        return self._repair_due
 
     @staticmethod
     def _notify(listeners: list[Callable[[Any], object]], value: Any) -> None:

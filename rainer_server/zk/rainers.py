@@ -18,6 +18,7 @@ from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.publisher import AutoPublisher
 from rainer_server.zk.publishing import keeper_publishing
+from rainer_server.zk.repair import DriftRepair
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,21 @@ log = logging.getLogger(__name__)
 class Rainers:
     """The pieces that run together: use ``storage`` for writes, ``keeper`` for mirrors.
 
-    ``start()`` starts the storage, then joins the publisher election; ``stop()`` leaves the
-    election, then stops the storage. Neither starts nor stops the kazoo client.
+    ``start()`` starts the storage, then the drift repair, then joins the publisher election;
+    ``stop()`` undoes them in reverse. Neither starts nor stops the kazoo client.
     """
 
     def __init__(
-        self, storage: CommitStorage, keeper: CommitKeeper, auto_publisher: AutoPublisher
+        self,
+        storage: CommitStorage,
+        keeper: CommitKeeper,
+        auto_publisher: AutoPublisher,
+        drift_repair: DriftRepair | None = None,
     ) -> None:
         self.storage = storage
         self.keeper = keeper
         self.auto_publisher = auto_publisher
+        self.drift_repair = drift_repair
 
     @classmethod
     def create(
@@ -74,15 +80,21 @@ class Rainers:
             delay=delay,
             **publisher_kwargs,
         )
-        return cls(storage, keeper, auto_publisher)
+        # Like the publisher, it publishes the underlying storage's heads.
+        drift_repair = DriftRepair(kazoo_client, keeper, underlying_storage)
+        return cls(storage, keeper, auto_publisher, drift_repair)
 
     def start(self) -> None:
         self.storage.start()
+        if self.drift_repair is not None:
+            self.drift_repair.start()
         self.auto_publisher.start()
 
     def stop(self) -> None:
         try:
             self.auto_publisher.close()
+            if self.drift_repair is not None:
+                self.drift_repair.close()
         finally:
             self.storage.stop()
 

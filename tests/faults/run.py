@@ -1,6 +1,6 @@
 """The full fault run: one cluster, every scenario, one table of figures against targets.
 
-    python3 tests/faults/run.py [--quick] [--only racing,host-kill] [--out DIR] [--keep]
+    python3 tests/faults/run.py [--quick] [--only racing,host-kill] [--out DIR] [--keep] [--period S]
 
 Prints each scenario's checker summary as it goes, then the figure table and the checker
 table (Markdown), also written to ``DIR/table.md``. A failed check leaves its history, dumps
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated scenarios: " + ", ".join(ORDER))
     parser.add_argument("--out", type=Path, default=None, help="where tables and failed checks go")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
+    parser.add_argument("--period", type=float, default=2.0,
+                        help="RAINER_PUBLISH_PERIOD of every host (a long one shows what does "
+                             "not wait for a publish pass)")
     parser.add_argument("--gunicorn-args", default="",
                         help="extra gunicorn settings for every host, e.g. '--log-level debug'")
     args = parser.parse_args(argv)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     outcomes = []
-    cluster = Cluster(out / "cluster", keep=args.keep, gunicorn_args=args.gunicorn_args)
+    cluster = Cluster(out / "cluster", keep=args.keep, gunicorn_args=args.gunicorn_args,
+                      period=args.period)
     print(f"[faults] starting the cluster under {cluster.base}", flush=True)
     with cluster:
         print(cluster.describe(), flush=True)
