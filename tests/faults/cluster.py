@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -446,13 +447,25 @@ class AppHost:
         os.kill(self.process.pid, signal.SIGHUP)
 
     def kill9(self) -> None:
-        """SIGKILL the master and every worker at once: the whole host is gone."""
+        """SIGKILL the master and every worker at once: the whole host is gone.
+
+        Returns once its port refuses connections: reaping the master does not mean its
+        workers, which hold the listening socket too, have finished dying, and a connection
+        accepted into the backlog meanwhile is reset with the request already sent (a 502
+        that nginx may not retry for a POST) instead of refused and routed elsewhere."""
         if self.process is not None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.process.wait()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                except OSError:
+                    break
+                time.sleep(0.01)
         self._close_log()
 
     def stop(self) -> None:
