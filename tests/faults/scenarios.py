@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
+import socket
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -636,6 +641,214 @@ def database_killed_control(b: Bench) -> None:
     _database_kill(b, control=True)
 
 
+# ---------------------------------------------------------------------- a hung database, slow clients
+
+
+class Sampler(threading.Thread):
+    """Sends one kind of request to one target over and over (a fresh connection each, as a
+    new client would) and records every answer: ``(t0, t1, status, cached, retry_after)``."""
+
+    def __init__(self, kind: str, target: Target, path: str, pause: float = 0.02,
+                 timeout: float = 30.0) -> None:
+        super().__init__(name=f"sampler-{kind}-{target.name}", daemon=True)
+        self.kind = kind
+        self.target = target
+        self.path = path
+        self.pause = pause
+        self.timeout = timeout
+        self.samples: list[tuple[float, float, int, bool, str | None]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            t0 = time.time()
+            status, headers, _, _ = http("GET", self.target.url + self.path, timeout=self.timeout)
+            self.samples.append((t0, time.time(), status, headers.get("x-rainer-cached") == "Yes",
+                                 headers.get("retry-after")))
+            self.stop_event.wait(self.pause)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(self.timeout + 5)
+
+    def between(self, start: float, end: float) -> list[tuple]:
+        """Samples started in [start, end)."""
+        return [s for s in self.samples if start <= s[0] < end]
+
+
+def p99(samples: list[tuple]) -> float:
+    """The 99th percentile of the samples' latencies in seconds (nearest rank); inf if none."""
+    if not samples:
+        return float("inf")
+    latencies = sorted(s[1] - s[0] for s in samples)
+    return latencies[min(len(latencies) - 1, max(0, -(-99 * len(latencies) // 100) - 1))]
+
+
+def ms(value: float) -> str:
+    return "none" if value == float("inf") else f"{value * 1000:.0f} ms"
+
+
+def hung_database(b: Bench) -> None:
+    """SIGSTOP MariaDB for 20 s under load (SIGCONT after): a hung server still completes TCP
+    connects into its backlog, so the handshake and every query hang. DB-bound requests must
+    answer 503 with Retry-After within 3 s; mirror-backed reads, /healthz and /metrics keep
+    answering (p99 <= 100 ms); DB-bound requests answer 200 again within 2 s of SIGCONT."""
+    cluster = b.cluster
+    hang = 20.0
+    stable = b.prefix + "stable"
+    entry = post(b.nginx, stable, 1, b'{"stable": true}', "setup", b.history)
+    if entry["s"] != 200:
+        raise ClusterError(f"setup commit failed: {entry}")
+    # The stable key in every host's mirror (and its index in every hub) before the hang.
+    b.probe()
+    if b.wait(lambda: all(read_head(b.target(h), stable, "setup", b.history).get("cached")
+                          for h in cluster.hosts for _ in range(2 * h.workers)), 30) is None:
+        raise ClusterError("the stable key never reached every mirror")
+    quoted = urllib.parse.quote(stable, safe="")
+    samplers: list[Sampler] = []
+    for host in cluster.hosts:
+        target = b.target(host)
+        samplers += [
+            Sampler("cached", target, f"/diary/{quoted}"),
+            Sampler("healthz", target, "/healthz"),
+            Sampler("metrics", target, "/metrics", pause=0.1),
+            # /history never comes from the mirror: a DB-bound read.
+            Sampler("db", target, f"/diary/{quoted}/history?limit=1", pause=0.05),
+        ]
+    samplers.append(Sampler("cached", b.nginx, f"/diary/{quoted}"))
+    with b.load(writers=2) as load:
+        for sampler in samplers:
+            sampler.start()
+        try:
+            b.wait_acks(b.n(30), 120)
+            pid = cluster.db.process.pid
+            stopped = time.time()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(hang)  # the fault's duration: requests go on meanwhile
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            resumed = time.time()
+            db_samplers = [s for s in samplers if s.kind == "db"]
+            # Every host's DB-bound reads answer 200 again (their first 200 started after the
+            # SIGCONT; the last sample of each host then is checked below).
+            back = b.wait(lambda: all(any(x[2] == 200 and x[0] >= resumed for x in s.samples)
+                                      for s in db_samplers), 30, 0.02)
+            b.wait_acks(b.n(30), 120)
+        finally:
+            for sampler in samplers:
+                sampler.stop()
+    r = b.finish(load)
+    # Requests that started in the hang and had to end before it did (a request started 3 s
+    # before the SIGCONT may rightly get its 200 from the resumed server).
+    window = (stopped, resumed - 3.0)
+    db_bound = [s for x in db_samplers for s in x.between(*window)]
+    writes = [e for e in b.history.entries
+              if e["op"] == "write" and window[0] <= e["t0"] < window[1]]
+    slowest = max([s[1] - s[0] for s in db_bound] + [e["t1"] - e["t0"] for e in writes],
+                  default=float("inf"))
+    not_503 = [s for s in db_bound if s[2] != 503 or not s[4]]
+    writes_not_503 = [e for e in writes if e["s"] != 503]
+    b.figure("DB-bound requests in the hang: 503 with Retry-After",
+             f"{len(db_bound) - len(not_503)} of {len(db_bound)} reads, "
+             f"{len(writes) - len(writes_not_503)} of {len(writes)} writes",
+             "all", bool(db_bound) and not not_503 and not writes_not_503,
+             str(not_503[:1] or writes_not_503[:1]))
+    b.figure("slowest DB-bound answer in the hang", seconds(slowest), "<= 3 s", slowest <= 3.0)
+    for kind in ("cached", "healthz", "metrics"):
+        during = [s for x in samplers if x.kind == kind for s in x.between(stopped, resumed)]
+        bad = [s for s in during if s[2] != 200 or (kind == "cached" and not s[3])]
+        value = p99(during)
+        b.figure(f"{kind} p99 during the hang (all targets)",
+                 f"{ms(value)} over {len(during)}, {len(bad)} not 200"
+                 + (" from the mirror" if kind == "cached" else ""),
+                 "<= 100 ms, all 200", value <= 0.1 and not bad and len(during) > 10,
+                 str(bad[:1]) if bad else "")
+    b.figure("recovery: every host's DB-bound reads 200 after SIGCONT", seconds(back), "<= 2 s",
+             back is not None and back <= 2.0)
+    other = {k: v for k, v in r.server_errors_by.items() if not k.endswith(" 503")}
+    b.figure("5xx other than 503; requests with no answer",
+             f"{sum(other.values())}; {r.no_answer}", "0; 0", not other and not r.no_answer,
+             str(other) if other else "")
+    b.invariants()
+
+
+def _slow_clients(url: str, count: int, request: bytes, stop: threading.Event,
+                  opened: list) -> None:
+    """``count`` connections to ``url``, each sending ``request`` a byte a second."""
+    parts = urllib.parse.urlsplit(url)
+    for _ in range(count):
+        conn = socket.create_connection((parts.hostname, parts.port), timeout=5)
+        conn.setblocking(False)
+        opened.append(conn)
+    sent = 0
+    while not stop.is_set() and sent < len(request):
+        for conn in opened:
+            try:
+                conn.send(request[sent:sent + 1])
+            except OSError:
+                pass
+        sent += 1
+        stop.wait(1.0)
+
+
+def slow_clients(b: Bench) -> None:
+    """200 connections sending their request a byte a second must not slow anyone else: another
+    client's p99 stays <= 100 ms, straight to a host (gevent: a slow client is a greenlet, not a
+    worker) and through nginx (it buffers the request before it picks a host)."""
+    cluster = b.cluster
+    count, duration = 200, 15.0 if b.quick else 30.0
+    key = b.prefix + "stable"
+    entry = post(b.nginx, key, 1, b'{"stable": true}', "setup", b.history)
+    if entry["s"] != 200:
+        raise ClusterError(f"setup commit failed: {entry}")
+    quoted = urllib.parse.quote(key, safe="")
+    host = cluster.hosts[0]
+    for target in (b.target(host), b.nginx):
+        # A request long enough to outlast the measurement at a byte a second.
+        path = f"/diary/{quoted}?slow={'x' * int(duration + 30)}"
+        request = f"GET {path} HTTP/1.1\r\nHost: slow\r\n\r\n".encode()
+        baseline = Sampler("read", target, f"/diary/{quoted}", pause=0.02)
+        baseline.start()
+        time.sleep(5.0)  # the baseline's measurement
+        baseline.stop()
+        stop = threading.Event()
+        opened: list[socket.socket] = []
+        trickle = threading.Thread(target=_slow_clients,
+                                   args=(target.url, count, request, stop, opened), daemon=True)
+        trickle.start()
+        try:
+            if b.wait(lambda: len(opened) >= count, 30) is None:
+                raise ClusterError(f"only {len(opened)} of {count} slow connections opened")
+            sampler = Sampler("read", target, f"/diary/{quoted}", pause=0.02)
+            sampler.start()
+            time.sleep(duration)  # the measurement, while the slow clients trickle
+            sampler.stop()
+            # Still connected: the server kept every slow client (did not just drop them).
+            alive = sum(1 for conn in opened if _still_open(conn))
+        finally:
+            stop.set()
+            trickle.join(10)
+            for conn in opened:
+                conn.close()
+        bad = [s for s in sampler.samples if s[2] != 200]
+        value = p99(sampler.samples)
+        b.figure(f"another client's p99 with {count} slow clients, {target.name}",
+                 f"{ms(value)} over {len(sampler.samples)} (without: {ms(p99(baseline.samples))});"
+                 f" {len(bad)} not 200; {alive} slow connections still open",
+                 "<= 100 ms, all 200", value <= 0.1 and not bad and len(sampler.samples) > 20,
+                 str(bad[:1]) if bad else "")
+
+
+def _still_open(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True  # nothing to read: open, waiting for the rest of the request
+    except OSError:
+        return False
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "racing": racing_writers,
     "zk-leader": zk_leader_killed,
@@ -646,6 +859,8 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "db-move": database_moved,
     "db-kill": database_killed,
     "db-kill-control": database_killed_control,
+    "hung-db": hung_database,
+    "slow-clients": slow_clients,
 }
 
 
