@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.mysql, pytest.mark.zookeeper, pytest.mark.gunicorn]
 #: zk-leader, quorum and partition pass in the full run (tests/faults/run.py) but not every
 #: time in their short form: a ZooKeeper write that timed out during the outage may still be
 #: applied after it (README, "Reliability"), which the checker counts as a resurrected delete.
-FAST = ["racing", "host-kill", "churn", "db-move", "db-kill", "db-kill-control"]
+FAST = ["racing", "host-kill", "churn", "hung-db", "slow-clients", "db-move", "db-kill",
+        "db-kill-control"]
 
 
 @pytest.fixture(scope="module")
