@@ -75,19 +75,20 @@ storage.start()
 storage.save(Commit("k", 1, b"{}", "alice", "", datetime(2024, 1, 1, tzinfo=timezone.utc)))
 release(storage.database)
 
-# A query on a pooled connection that was open before the server hung.
-ask("partition")
-timed("query", lambda: storage.get("k"))
-# Ten at once while the database counts as hung: one finds out, nine fail at once.
-jobs = [gevent.spawn(timed, "concurrent", lambda: storage.get("k")) for _ in range(10)]
-gevent.joinall(jobs)
-# A fresh connection: the TCP connect succeeds, the handshake hangs.
-close_all(storage.database)
-timed("handshake", lambda: storage.get("k"))
-ask("heal")
-# Back: the first operation after the server answers again succeeds.
-timed("recovered", lambda: storage.get("k"))
-timed("after", lambda: storage.get("k"))
+
+def healed(name):
+    # After the proxy forwards again: seconds until an operation succeeds.
+    ask("heal")
+    started = time.monotonic()
+    while time.monotonic() - started < 10:
+        try:
+            storage.get("k")
+            break
+        except StorageUnavailable:
+            gevent.sleep(0.01)
+        finally:
+            release(storage.database)
+    results[name] = round(time.monotonic() - started, 3)
 
 
 def locked():
@@ -95,11 +96,23 @@ def locked():
         pass
 
 
+# A query on a pooled connection that was open before the server hung.
+ask("partition")
+timed("query", lambda: storage.get("k"))
+# Ten at once while the database counts as hung: all fail at once.
+jobs = [gevent.spawn(timed, "concurrent", lambda: storage.get("k")) for _ in range(10)]
+gevent.joinall(jobs)
+healed("recovered_query")
+timed("after", lambda: storage.get("k"))
+# A fresh connection: the TCP connect succeeds, the handshake hangs.
+close_all(storage.database)
+ask("partition")
+timed("handshake", lambda: storage.get("k"))
+healed("recovered_handshake")
 # The publisher's locked read of a head, on a pooled connection open before the hang.
 ask("partition")
 timed("locked_head", locked)
-ask("heal")
-timed("recovered", lambda: storage.get("k"))
+healed("recovered_locked_head")
 # Every pooled connection lent to a request stuck elsewhere: the wait for one is bounded too.
 database = open_database(url + "?max_connections=1&timeout=30", limit)
 busy = gevent.spawn(run_on, database, lambda: gevent.sleep(3 * limit), 10 * limit)
@@ -172,14 +185,14 @@ def test_every_phase_of_a_database_call_is_bounded_and_a_hung_database_fails_fas
         [(outcome, took)] = results[phase]
         assert outcome.startswith("503") and detail in outcome, (phase, outcome)
         assert took <= LIMIT + margin, (phase, took)
-    # While hung: one operation finds out, the others answer at once.
-    concurrent = sorted(results["concurrent"], key=lambda r: r[1])
-    assert all(o.startswith("503") for o, _ in concurrent), concurrent
-    assert all(took <= 0.1 for _, took in concurrent[:9]), concurrent
-    assert concurrent[-1][1] <= LIMIT + margin, concurrent
-    assert "not answering" in concurrent[0][0], concurrent
-    # Healed: the very next operation succeeds.
-    assert [o for o, _ in results["recovered"]] == ["ok", "ok"], results["recovered"]
+    # While hung: every operation answers at once (a greenlet finds out in the background).
+    assert len(results["concurrent"]) == 10
+    for outcome, took in results["concurrent"]:
+        assert "not answering" in outcome and took <= 0.1, results["concurrent"]
+    # Healed: the service follows within a probe or two (the proxy drops the probe's
+    # connection when it heals, so the next probe, 0.2 s later, is the one that answers).
+    for phase in ("query", "handshake", "locked_head"):
+        assert results[f"recovered_{phase}"] <= LIMIT + margin, results
     assert results["after"][0][0] == "ok", results["after"]
     # No free pooled connection: bounded by the limit, not by the pool's own 30 s.
     [(outcome, took)] = results["pool_wait"]

@@ -13,6 +13,7 @@ peewee query costs more than a primary-key lookup on a warm MySQL.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import re
 import socket
@@ -40,6 +41,7 @@ from peewee import TextField
 from playhouse.db_url import connect
 from playhouse.db_url import parse
 from playhouse.pool import MaxConnectionsExceeded
+from playhouse.pool import PoolConnection
 from playhouse.pool import PooledMySQLDatabase
 from playhouse.pool import PooledSqliteDatabase
 
@@ -188,10 +190,48 @@ class _PooledMySQL(PooledMySQLDatabase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # peewee holds this database-wide lock while it opens a connection (TCP connect and
+        # handshake): under gevent, one handshake with a hung server held every other
+        # greenlet's connect and close, a request's end included. What it guards, the
+        # connection state, is per greenlet already.
+        self._lock = _NoLock()
+        # Connections being opened outside the pool's lock (``_connect``), counted against
+        # max_connections.
+        self._opening = 0
         #: Since when (monotonic) an operation last ran out of time with no success since.
         self.hung_since: float | None = None
-        #: The greenlet finding out whether the database answers again, if one is.
+        #: The greenlet finding out whether the database answers again (``_probe``).
         self.prober: Any = None
+
+    def _connect(self) -> Any:
+        # peewee's pool opens a new connection under its own lock, with the same effect as the
+        # database's lock above; here the lock covers the bookkeeping only.
+        with self._pool_lock:
+            while self._connections:
+                entry = heapq.heappop(self._connections)
+                timestamp, conn = entry[0], entry[-1]
+                if self._is_closed(conn):
+                    continue
+                if self._stale_timeout and self._is_stale(timestamp):
+                    self._close_raw(conn)
+                    continue
+                self._in_use[self.conn_key(conn)] = PoolConnection(timestamp, conn, time.time())
+                return conn
+            if self._max_connections and (
+                len(self._in_use) + self._opening >= self._max_connections
+            ):
+                raise MaxConnectionsExceeded("Exceeded maximum connections.")
+            self._opening += 1
+        try:
+            conn = peewee.MySQLDatabase._connect(self)
+        finally:
+            with self._pool_lock:
+                self._opening -= 1
+                self._pool_available.notify()  # a slot is free again, or the connection is
+        with self._pool_lock:
+            now = time.time()
+            self._in_use[self.conn_key(conn)] = PoolConnection(now, conn, now)
+        return conn
 
     def _is_closed(self, conn: Any) -> bool:
         return not conn.open
@@ -211,6 +251,14 @@ class _PooledMySQL(PooledMySQLDatabase):
         return True
 
 
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class _Expired(BaseException):
     """Thrown into a greenlet whose database operation ran out of time before it had a
     connection (a BaseException, as gevent's Timeout: no ``except Exception`` on the way
@@ -224,7 +272,8 @@ class _Deadline:
     handshake) has ``_Expired`` thrown into it; one with a connection has that connection's
     socket shut down, so the statement fails at once with a lost connection, and so does
     whatever cleanup follows (a ROLLBACK), instead of waiting for a server that reads nothing.
-    Either way the database is marked hung (``run_on`` then fails fast, see there).
+    Either way the database is marked hung (``run_on`` then fails fast, see there) and a
+    greenlet starts finding out when it answers again (``_probe``).
     """
 
     __slots__ = ("database", "connection", "expired", "_greenlet", "_timer")
@@ -255,8 +304,11 @@ class _Deadline:
 
     def _expire(self) -> None:
         self.expired = True
-        if self.database.hung_since is None:
-            self.database.hung_since = time.monotonic()
+        database = self.database
+        if database.hung_since is None:
+            database.hung_since = time.monotonic()
+        if database.prober is None or database.prober.dead:
+            database.prober = gevent.spawn(_probe, database)
         sock = getattr(self.connection, "_sock", None)
         if sock is not None:
             try:
@@ -954,10 +1006,10 @@ def run_on(
     Under gevent, a MySQL operation ends after ``limit`` seconds (default: the database's
     ``operation_timeout``), from the wait for a pooled connection to the last statement;
     ``statements=False`` bounds only getting the connection (a migration may rightly take
-    long). Once an operation has run out of time, the database counts as hung until one
-    succeeds: meanwhile a single operation of the process at a time finds out whether it still
-    is, and every other fails at once, so that nothing queues behind a stuck server and no
-    request holds a connection it cannot use.
+    long). Once an operation has run out of time, the database counts as hung until it
+    answers again (``_probe`` asks in the background): meanwhile every operation of the
+    process fails at once, so that nothing queues behind a stuck server, no request pays the
+    wait twice, and none holds a connection it cannot use.
 
     :raises StorageUnavailable: when the database cannot be reached, fails, or did not answer
         in time.
@@ -967,28 +1019,37 @@ def run_on(
     # as one this thread kept open, and worth the same one retry on a fresh one.
     pooled = isinstance(database, peewee_pool_types())
     seconds = limit if limit is not None else getattr(database, "operation_timeout", None)
-    probing = _claim_probe(database, seconds)
-    try:
-        return _run_bounded(database, operation, seconds, statements, is_sqlite, pooled)
-    finally:
-        if probing:
-            database.prober = None
-
-
-def _claim_probe(database: peewee.Database, seconds: float | None) -> bool:
-    """Whether this operation is the one to find out if a hung database answers again (see
-    ``run_on``); raises StorageUnavailable when another is already finding out."""
-    if getattr(database, "hung_since", None) is None:
-        return False
-    current = gevent.getcurrent()
-    if database.prober is current:  # an operation nested in the probing one
-        return False
-    if database.prober is not None and not database.prober.dead:
+    hung_since = getattr(database, "hung_since", None)
+    if hung_since is not None and database.prober is not gevent.getcurrent():
+        if database.prober is None or database.prober.dead:  # never left without one
+            database.prober = gevent.spawn(_probe, database)
         raise StorageUnavailable(
-            UNAVAILABLE, detail=f"not answering for {time.monotonic() - database.hung_since:.1f} s"
+            UNAVAILABLE, detail=f"not answering for {time.monotonic() - hung_since:.1f} s"
         )
-    database.prober = current
-    return True
+    return _run_bounded(database, operation, seconds, statements, is_sqlite, pooled)
+
+
+#: Seconds between two probes of a hung database that fail at once (say it went from hung to
+#: refusing connections); a probe that waits out its deadline is followed at once.
+_PROBE_PAUSE = 0.2
+
+
+def _probe(database: _PooledMySQL) -> None:
+    """Ask a hung ``database`` for ``SELECT 1``, each try bounded as any operation, until it
+    answers: the first answer ends the hang for every request of the process. A try still
+    waiting when the server resumes gets its answer then, so recovery is immediate."""
+    while database.hung_since is not None:
+        started = time.monotonic()
+        try:
+            run_on(database, lambda: database.execute_sql("SELECT 1").fetchone())
+        except StorageUnavailable:
+            pass
+        except Exception:  # whatever it was, the next try may tell; never stop asking
+            log.debug("Probing the hung database failed", exc_info=True)
+        finally:
+            release(database)
+        if database.hung_since is not None:
+            gevent.sleep(max(0.0, _PROBE_PAUSE - (time.monotonic() - started)))
 
 
 def _run_bounded(
