@@ -224,11 +224,13 @@ class _PooledMySQL(PooledMySQLDatabase):
             self._opening += 1
         try:
             conn = peewee.MySQLDatabase._connect(self)
-        finally:
+        except BaseException:
             with self._pool_lock:
                 self._opening -= 1
-                self._pool_available.notify()  # a slot is free again, or the connection is
+                self._pool_available.notify()  # the slot is free again
+            raise
         with self._pool_lock:
+            self._opening -= 1
             now = time.time()
             self._in_use[self.conn_key(conn)] = PoolConnection(now, conn, now)
         return conn
