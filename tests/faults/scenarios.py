@@ -765,7 +765,9 @@ def hung_database(b: Bench) -> None:
         target = b.target(host)
         fast += [("cached", target, f"/diary/{quoted}", 0.02),
                  ("healthz", target, "/healthz", 0.02),
-                 ("metrics", target, "/metrics", 0.1)]
+                 # Twice a second (Prometheus scrapes every 15 s): a scrape reads every
+                 # worker's files, and ten a second loaded the 2-core machine themselves.
+                 ("metrics", target, "/metrics", 0.5)]
         db_samplers.append(Sampler("db", target, f"/diary/{quoted}/history?limit=1", pause=0.1))
     sampling = SamplerProcess(fast)
     sampling.start()
