@@ -199,10 +199,30 @@ class _PooledMySQL(PooledMySQLDatabase):
         # Connections being opened outside the pool's lock (``_connect``), counted against
         # max_connections.
         self._opening = 0
-        #: Since when (monotonic) an operation last ran out of time with no success since.
-        self.hung_since: float | None = None
-        #: The greenlet finding out whether the database answers again (``_probe``).
-        self.prober: Any = None
+        # Shared by every database of this process on the same server (the journal's, the
+        # token store's): a request that checks a token first must not wait out the hang
+        # twice.
+        params = self.connect_params
+        server = (params.get("host"), params.get("port"), params.get("unix_socket"))
+        self._hang = _HANGS.setdefault(server, _Hang())
+
+    @property
+    def hung_since(self) -> float | None:
+        """Since when (monotonic) an operation last ran out of time with no success since."""
+        return self._hang.since
+
+    @hung_since.setter
+    def hung_since(self, value: float | None) -> None:
+        self._hang.since = value
+
+    @property
+    def prober(self) -> Any:
+        """The greenlet finding out whether the server answers again (``_probe``)."""
+        return self._hang.prober
+
+    @prober.setter
+    def prober(self, value: Any) -> None:
+        self._hang.prober = value
 
     def _connect(self) -> Any:
         # peewee's pool opens a new connection under its own lock, with the same effect as the
@@ -273,6 +293,20 @@ class _Connection(pymysql.connections.Connection):
 
 #: The TLS context of connections without TLS options (``_Connection``), made once.
 _preferred_tls: Any = None
+
+
+class _Hang:
+    """Whether a database server looks hung to this process (see ``run_on``)."""
+
+    __slots__ = ("since", "prober")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.prober: Any = None
+
+
+#: (host, port, socket) -> its ``_Hang``, for every MySQL database this process opened.
+_HANGS: dict[tuple[Any, Any, Any], _Hang] = {}
 
 
 class _NoLock:
