@@ -32,7 +32,10 @@ pytestmark = [pytest.mark.mysql, pytest.mark.zookeeper, pytest.mark.gunicorn]
 #: zk-leader, quorum and partition pass in the full run (tests/faults/run.py) but not every
 #: time in their short form: a ZooKeeper write that timed out during the outage may still be
 #: applied after it (README, "Reliability"), which the checker counts as a resurrected delete.
-FAST = ["racing", "host-kill", "churn", "hung-db", "slow-clients", "db-move", "db-kill",
+#: hung-db meets its targets in the full run, but its /metrics p99 (<= 100 ms) misses now and
+#: then on the shared 2-core machine, before the hang as much as during it (README,
+#: "Reliability"): a test that fails on the machine's load is not one CI can keep.
+FAST = ["racing", "host-kill", "churn", "slow-clients", "db-move", "db-kill",
         "db-kill-control"]
 
 
