@@ -50,9 +50,10 @@ workers = _settings.workers
 # connection (README, "Deploying"). sync: one request per worker, waits capped at 20 s.
 worker_class = _settings.worker_class
 worker_connections = _settings.worker_connections
-# Database timeouts (3 s connect, 10 s read/write) sit well below this, so a sick database
-# becomes a 503 rather than a killed worker. (The gevent worker's heartbeat does not depend
-# on its requests: a request may wait longer.)
+# Database timeouts (RAINER_DATABASE_TIMEOUT, 2 s, for a gevent worker's whole operation; the
+# sync worker's socket timeouts, 3 s connect and 10 s read/write) sit well below this, so a
+# sick database becomes a 503 rather than a killed worker. (The gevent worker's heartbeat
+# does not depend on its requests: a request may wait longer.)
 timeout = 30
 graceful_timeout = 30
 keepalive = 5

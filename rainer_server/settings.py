@@ -39,6 +39,9 @@ CONFIG_NAME = "RAINER_CONFIG"
 @dataclasses.dataclass(frozen=True)
 class Settings:
     database_url: str = "sqlite:///rainer.db"
+    #: Seconds a database operation of a gevent worker may take, connect and handshake
+    #: included, before its request answers 503 (a hung server answers nothing at all).
+    database_timeout: float = 2.0
     table: str = "rainer"
     url_prefix: str = "/diary"
     payload_format: str = "json"
@@ -156,6 +159,8 @@ class SettingsSchema(Schema):
         validate.Regexp(r"^(sqlite|mysql)[a-z+]*://", error=_DATABASE_URL_FORM),
         _check_database_url,
     ])
+    # Below gunicorn's worker timeout (30 s), so a hung database is a 503, not a killed worker.
+    database_timeout = fields.Float(validate=validate.Range(min=0.1, max=25))
     table = fields.String(validate=validate.Regexp(
         r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", error="must be a plain SQL identifier"))
     url_prefix = fields.String(validate=validate.Regexp(

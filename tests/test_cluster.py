@@ -29,7 +29,11 @@ pytestmark = [pytest.mark.mysql, pytest.mark.zookeeper, pytest.mark.gunicorn]
 
 #: The scenarios that pass every time, in the order they run (the database moves before it is
 #: killed; the control run, which leaves the journal behind ZooKeeper on purpose, is last).
-FAST = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "db-move", "db-kill",
+#: hung-db meets its targets in the full run, but its /metrics p99 (<= 100 ms) misses now and
+#: then on the shared 2-core machine, before the hang as much as during it (README,
+#: "Reliability"): a test that fails on the machine's load is not one CI can keep.
+FAST = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "slow-clients",
+        "db-move", "db-kill",
         "db-kill-control"]
 
 

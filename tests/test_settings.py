@@ -57,6 +57,18 @@ def test_bad_workers(workers):
     invalid("workers", workers)
 
 
+def test_database_timeout_is_a_setting():
+    # What it bounds, under gevent: tests/test_db_hang.py.
+    assert DEFAULTS["RAINER_DATABASE_TIMEOUT"] == 2.0
+    assert load_settings({"database_timeout": "0.5"}).database_timeout == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "26", "soon", ""])
+def test_bad_database_timeout(value):
+    # Above 25 s a hung database would meet gunicorn's 30 s worker timeout first.
+    invalid("database_timeout", value)
+
+
 def test_bad_health_routes():
     assert "Not a valid boolean" in invalid("health_routes", "maybe")
 

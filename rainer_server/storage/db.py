@@ -13,8 +13,10 @@ peewee query costs more than a primary-key lookup on a warm MySQL.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -26,8 +28,10 @@ from typing import Any
 from typing import TypeVar
 from urllib.parse import urlparse
 
+import gevent
 import gevent.lock
 import peewee
+import pymysql.connections
 from peewee import BooleanField
 from peewee import Field
 from peewee import IntegerField
@@ -40,6 +44,7 @@ from peewee import TextField
 from playhouse.db_url import connect
 from playhouse.db_url import parse
 from playhouse.pool import MaxConnectionsExceeded
+from playhouse.pool import PoolConnection
 from playhouse.pool import PooledMySQLDatabase
 from playhouse.pool import PooledSqliteDatabase
 
@@ -58,8 +63,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Timeouts well below gunicorn's worker timeout (30 s), so an unreachable database becomes a
-# 503 the client can retry instead of a killed worker. The URL's query string overrides them.
+#: Seconds one database operation of a gevent worker may take, every phase counted: the wait
+#: for a pooled connection, the TCP connect, the handshake and the statements
+#: (``RAINER_DATABASE_TIMEOUT``). A hung server (a SIGSTOP, a full disk, a stuck failover)
+#: still completes TCP connects into its backlog and then never answers, so only a bound on
+#: the whole operation turns it into a 503 in time.
+DEFAULT_OPERATION_TIMEOUT = 2.0
+#: Reads of every head or of the whole journal grow with it: they get this long instead.
+BULK_OPERATION_TIMEOUT = 30.0
+# Socket timeouts well below gunicorn's worker timeout (30 s), so an unreachable database
+# becomes a 503 the client can retry instead of a killed worker: all a sync worker has (it
+# runs no timer beside its request); a gevent worker's operations are bounded tighter still.
+# The URL's query string overrides them.
 _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "mysql": {"connect_timeout": 3, "read_timeout": 10, "write_timeout": 10, "charset": "utf8mb4"},
     # sqlite3's timeout is its busy handler: writers from several workers wait for the lock
@@ -115,10 +130,13 @@ class _WithoutParameters(logging.Filter):
 logging.getLogger("peewee").addFilter(_WithoutParameters())
 
 
-def open_database(url: str) -> peewee.Database:
+def open_database(
+    url: str, operation_timeout: float = DEFAULT_OPERATION_TIMEOUT
+) -> peewee.Database:
     """Make a peewee database for ``url`` (``sqlite:///path`` or ``mysql://user:pw@host/db``).
 
-    Opens no connection: peewee connects on first use.
+    Opens no connection: peewee connects on first use. Under gevent, each operation on a
+    MySQL database (``run_on``) ends after ``operation_timeout`` seconds, whatever it waits for.
 
     :raises ValueError: when the URL has an unknown scheme or no database name.
     """
@@ -148,6 +166,7 @@ def open_database(url: str) -> peewee.Database:
         pooled._timeout = database._timeout
     else:
         pooled = _PooledMySQL(database.database, **params)
+        pooled.operation_timeout = operation_timeout
     return pooled
 
 
@@ -229,17 +248,195 @@ class _PooledMySQL(_CooperativePool, PooledMySQLDatabase):
     query itself, and ``run_on`` retries once on a fresh one.
     """
 
+    #: Seconds one operation may take under gevent (``open_database`` sets it).
+    operation_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # peewee holds this database-wide lock while it opens a connection (TCP connect and
+        # handshake): under gevent, one handshake with a hung server held every other
+        # greenlet's connect and close, a request's end included. What it guards, the
+        # connection state, is per greenlet already.
+        self._lock = _NoLock()
+        # Connections being opened outside the pool's lock (``_connect``), counted against
+        # max_connections.
+        self._opening = 0
+        # Shared by every database of this process on the same server (the journal's, the
+        # token store's): a request that checks a token first must not wait out the hang
+        # twice.
+        params = self.connect_params
+        server = (params.get("host"), params.get("port"), params.get("unix_socket"))
+        self._hang = _HANGS.setdefault(server, _Hang())
+
+    @property
+    def hung_since(self) -> float | None:
+        """Since when (monotonic) an operation last ran out of time with no success since."""
+        return self._hang.since
+
+    @hung_since.setter
+    def hung_since(self, value: float | None) -> None:
+        self._hang.since = value
+
+    @property
+    def prober(self) -> Any:
+        """The greenlet finding out whether the server answers again (``_probe``)."""
+        return self._hang.prober
+
+    @prober.setter
+    def prober(self, value: Any) -> None:
+        self._hang.prober = value
+
+    def _connect(self) -> Any:
+        # peewee's pool opens a new connection under its own lock, with the same effect as the
+        # database's lock above; here the lock covers the bookkeeping only.
+        with self._pool_lock:
+            while self._connections:
+                entry = heapq.heappop(self._connections)
+                timestamp, conn = entry[0], entry[-1]
+                if self._is_closed(conn):
+                    continue
+                if self._stale_timeout and self._is_stale(timestamp):
+                    self._close_raw(conn)
+                    continue
+                self._in_use[self.conn_key(conn)] = PoolConnection(timestamp, conn, time.time())
+                return conn
+            if self._max_connections and (
+                len(self._in_use) + self._opening >= self._max_connections
+            ):
+                raise MaxConnectionsExceeded("Exceeded maximum connections.")
+            self._opening += 1
+        try:
+            conn = _Connection(database=self.database, autocommit=True, **self.connect_params)
+        except BaseException:
+            with self._pool_lock:
+                self._opening -= 1
+                self._pool_available.notify()  # the slot is free again
+            raise
+        with self._pool_lock:
+            self._opening -= 1
+            now = time.time()
+            self._in_use[self.conn_key(conn)] = PoolConnection(now, conn, now)
+        return conn
+
     def _is_closed(self, conn: Any) -> bool:
         return not conn.open
 
     def _can_reuse(self, conn: Any) -> bool:
         # PyMySQL knows from the last reply whether a transaction is open: ask only then.
         if conn.server_status & 0x0001:  # SERVER_STATUS_IN_TRANS
+            # A request's teardown returns the connection: a hung server must not hold it.
+            deadline = _Deadline.arm(self, self.operation_timeout, conn)
             try:
                 conn.rollback()
             except Exception:
                 return False
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
         return True
+
+
+class _Connection(pymysql.connections.Connection):
+    """PyMySQL's connection, with one TLS context per process for its default ("preferred")
+    mode. PyMySQL makes a context per connection, and loading the system's CA certificates
+    takes tens of milliseconds of CPU (95 ms on the loaded test machine) during which a gevent
+    worker answers nothing: while a hung database was probed every two seconds, that alone
+    pushed every other request's p99 past 100 ms. Given TLS options still get a context each.
+    """
+
+    def _create_ssl_ctx(self, sslp: Any) -> Any:
+        global _preferred_tls
+        if sslp:
+            return super()._create_ssl_ctx(sslp)
+        if _preferred_tls is None:
+            _preferred_tls = super()._create_ssl_ctx(sslp)
+        return _preferred_tls
+
+
+#: The TLS context of connections without TLS options (``_Connection``), made once.
+_preferred_tls: Any = None
+
+
+class _Hang:
+    """Whether a database server looks hung to this process (see ``run_on``)."""
+
+    __slots__ = ("since", "prober")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.prober: Any = None
+
+
+#: (host, port, socket) -> its ``_Hang``, for every MySQL database this process opened.
+_HANGS: dict[tuple[Any, Any, Any], _Hang] = {}
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Expired(BaseException):
+    """Thrown into a greenlet whose database operation ran out of time before it had a
+    connection (a BaseException, as gevent's Timeout: no ``except Exception`` on the way
+    may take it for the driver's error and retry)."""
+
+
+class _Deadline:
+    """The end of one database operation of a gevent worker (see ``run_on``).
+
+    When it passes, a greenlet still waiting for a connection (the pool, the TCP connect, the
+    handshake) has ``_Expired`` thrown into it; one with a connection has that connection's
+    socket shut down, so the statement fails at once with a lost connection, and so does
+    whatever cleanup follows (a ROLLBACK), instead of waiting for a server that reads nothing.
+    Either way the database is marked hung (``run_on`` then fails fast, see there) and a
+    greenlet starts finding out when it answers again (``_probe``).
+    """
+
+    __slots__ = ("database", "connection", "expired", "_greenlet", "_timer")
+
+    def __init__(self, database: Any, seconds: float, connection: Any = None) -> None:
+        self.database = database
+        self.connection = connection
+        self.expired = False
+        self._greenlet = gevent.getcurrent()
+        self._timer = gevent.get_hub().loop.timer(seconds)
+        self._timer.start(self._expire)
+
+    @classmethod
+    def arm(cls, database: Any, seconds: float | None, connection: Any = None) -> _Deadline | None:
+        """A running deadline, or ``None`` where there is none to keep: no limit, SQLite (its
+        calls block the whole process; no timer could run meanwhile), no gevent."""
+        if not seconds or not isinstance(database, _PooledMySQL) or not cooperative():
+            return None
+        return cls(database, seconds, connection)
+
+    def holding(self, connection: Any) -> None:
+        """The operation has its connection: from now on the deadline cuts that."""
+        self.connection = connection
+
+    def cancel(self) -> None:
+        self._timer.stop()
+        self._timer.close()
+
+    def _expire(self) -> None:
+        self.expired = True
+        database = self.database
+        if database.hung_since is None:
+            database.hung_since = time.monotonic()
+        if database.prober is None or database.prober.dead:
+            database.prober = gevent.spawn(_probe, database)
+        sock = getattr(self.connection, "_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed: the operation has failed on its own
+        else:
+            self._greenlet.throw(_Expired())
 
 
 class _PooledSqlite(_CooperativePool, PooledSqliteDatabase):
@@ -470,8 +667,10 @@ class DbCommitStorage:
     def start(self) -> None:
         """Create the journal table and its index when missing; bring a journal made by an
         earlier version up to date (new columns added, every row kept)."""
-        self._run(lambda: self._row.create_table(safe=True))
-        self._run(self._migrate_locked)
+        # Statements unbounded: a migration may rightly take minutes (getting the connection
+        # is bounded still).
+        run_on(self.database, lambda: self._row.create_table(safe=True), statements=False)
+        run_on(self.database, self._migrate_locked, statements=False)
 
     def _migrate_locked(self) -> None:
         # Every worker of every host starts the storage: one migrates, the others wait and
@@ -748,7 +947,7 @@ class DbCommitStorage:
             sql, params = self._sql["heads"], (True,)
         else:
             sql, params = self._sql["heads_non_empty"], (True, False)
-        rows = self._run(lambda: self.database.execute_sql(sql, params).fetchall())
+        rows = self._run(lambda: self.database.execute_sql(sql, params).fetchall(), bulk=True)
         return {commit.key: commit for commit in map(self._to_commit, rows)}
 
     @contextlib.contextmanager
@@ -763,15 +962,30 @@ class DbCommitStorage:
         :raises StorageUnavailable: when the database cannot be reached.
         """
         self._run(lambda: None)  # connected, or reconnected once
+        database = self.database
+        limit = getattr(database, "operation_timeout", None)
+        # The statements are bounded as ``run_on``'s are; the caller's block (a ZooKeeper
+        # write) is not the database's time.
+        deadline = _Deadline.arm(database, limit, database.connection())
         try:
-            with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
-                row = self.database.execute_sql(
+            with database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+                row = database.execute_sql(
                     self._sql["lock_head"], (True, key.encode("utf-8"))
                 ).fetchone()
-                yield None if row is None else self._to_commit(row)
+                if deadline is not None:
+                    deadline.cancel()
+                try:
+                    yield None if row is None else self._to_commit(row)
+                finally:
+                    # Then the COMMIT (or ROLLBACK) on leaving the block.
+                    deadline = _Deadline.arm(database, limit, database.connection())
+            _answered(database)
         except (OperationalError, InterfaceError) as exc:
-            _discard_connection(self.database)
+            _discard_connection(database)
             raise StorageUnavailable(UNAVAILABLE, detail=_describe(exc)) from exc
+        finally:
+            if deadline is not None:
+                deadline.cancel()
 
     # ------------------------------------------------------------------ writes
 
@@ -847,8 +1061,12 @@ class DbCommitStorage:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _run(self, operation: Callable[[], T]) -> T:
-        return run_on(self.database, operation)
+    def _run(self, operation: Callable[[], T], bulk: bool = False) -> T:
+        limit = None
+        if bulk:
+            # Every head, the whole journal: as long as the journal makes it, but not forever.
+            limit = max(BULK_OPERATION_TIMEOUT, getattr(self.database, "operation_timeout", 0) or 0)
+        return run_on(self.database, operation, limit)
 
     def _to_commit(self, row: tuple) -> Commit:
         key, version, author, comment, mtime, is_empty, payload, identity, index = row
@@ -872,7 +1090,7 @@ class DbCommitStorage:
         key, version order."""
         row = self._row
         query = row.select(*self._fields, row.chain).order_by(row.key, row.version)
-        rows = self._run(lambda: self.database.execute_sql(*query.sql()).fetchall())
+        rows = self._run(lambda: self.database.execute_sql(*query.sql()).fetchall(), bulk=True)
         current_key: str | None = None
         previous = GENESIS
         broken = False
@@ -896,27 +1114,107 @@ class DbCommitStorage:
             expected_version += 1
 
 
-def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
+def run_on(
+    database: peewee.Database,
+    operation: Callable[[], T],
+    limit: float | None = None,
+    statements: bool = True,
+) -> T:
     """Run ``operation`` on this thread's connection to ``database``, reconnecting once if it
     went stale.
 
-    :raises StorageUnavailable: when the database cannot be reached or fails.
+    Under gevent, a MySQL operation ends after ``limit`` seconds (default: the database's
+    ``operation_timeout``), from the wait for a pooled connection to the last statement;
+    ``statements=False`` bounds only getting the connection (a migration may rightly take
+    long). Once an operation has run out of time, the database counts as hung until it
+    answers again (``_probe`` asks in the background): meanwhile every operation of the
+    process fails at once, so that nothing queues behind a stuck server, no request pays the
+    wait twice, and none holds a connection it cannot use.
+
+    :raises StorageUnavailable: when the database cannot be reached, fails, or did not answer
+        in time.
     """
     is_sqlite = isinstance(database, peewee.SqliteDatabase)
     # A pooled connection may have been idle in the pool when the server dropped it: as stale
     # as one this thread kept open, and worth the same one retry on a fresh one.
     pooled = isinstance(database, peewee_pool_types())
+    seconds = limit if limit is not None else getattr(database, "operation_timeout", None)
+    hung_since = getattr(database, "hung_since", None)
+    if hung_since is not None and database.prober is not gevent.getcurrent():
+        if database.prober is None or database.prober.dead:  # never left without one
+            database.prober = gevent.spawn(_probe, database)
+        raise StorageUnavailable(
+            UNAVAILABLE, detail=f"not answering for {time.monotonic() - hung_since:.1f} s"
+        )
+    return _run_bounded(database, operation, seconds, statements, is_sqlite, pooled)
+
+
+#: Seconds between two probes of a hung database that fail at once (say it went from hung to
+#: refusing connections); a probe that waits out its deadline is followed at once.
+_PROBE_PAUSE = 0.2
+
+
+def _probe(database: _PooledMySQL) -> None:
+    """Ask a hung ``database`` for ``SELECT 1``, each try bounded as any operation, until it
+    answers: the first answer ends the hang for every request of the process. A try still
+    waiting when the server resumes gets its answer then, so recovery is immediate."""
+    while database.hung_since is not None:
+        started = time.monotonic()
+        try:
+            run_on(database, lambda: database.execute_sql("SELECT 1").fetchone())
+        except StorageUnavailable:
+            pass
+        except Exception:  # whatever it was, the next try may tell; never stop asking
+            log.debug("Probing the hung database failed", exc_info=True)
+        finally:
+            release(database)
+        if database.hung_since is not None:
+            gevent.sleep(max(0.0, _PROBE_PAUSE - (time.monotonic() - started)))
+
+
+def _run_bounded(
+    database: peewee.Database,
+    operation: Callable[[], T],
+    seconds: float | None,
+    statements: bool,
+    is_sqlite: bool,
+    pooled: bool,
+) -> T:
     for attempt in (1, 2):
         was_open = pooled or not database.is_closed()
+        deadline = _Deadline.arm(database, seconds)
         try:
             database.connect(reuse_if_open=True)
-            return operation()
+            if deadline is not None:
+                if statements:
+                    deadline.holding(database.connection())
+                else:
+                    deadline.cancel()
+                    deadline = None
+            result = operation()
+            _answered(database)
+            return result
+        except _Expired:
+            # Still waiting for a connection when the time ran out: whatever the driver had
+            # half made is gone with the exception (PyMySQL closes its socket).
+            log.debug("%s: no connection within %s s", UNAVAILABLE, seconds)
+            _discard_connection(database)
+            raise StorageUnavailable(
+                UNAVAILABLE, detail=f"no connection within {seconds} s (hung?)"
+            ) from None
         except MaxConnectionsExceeded:
             # Every pooled connection stayed lent for the pool's whole timeout: overloaded.
             log.warning("%s: every pooled connection is in use", UNAVAILABLE)
             raise StorageUnavailable(UNAVAILABLE) from None
         except (OperationalError, InterfaceError) as exc:
             _discard_connection(database)
+            if deadline is not None and deadline.expired:
+                # Not a stale connection: the server did not answer in time. A retry would
+                # only wait again.
+                log.debug("%s: no answer within %s s", UNAVAILABLE, seconds)
+                raise StorageUnavailable(
+                    UNAVAILABLE, detail=f"no answer within {seconds} s (hung?)"
+                ) from exc
             if (
                 not is_sqlite
                 and was_open
@@ -934,7 +1232,17 @@ def run_on(database: peewee.Database, operation: Callable[[], T]) -> T:
             # command); a second line per failure from here only doubled an outage's noise.
             log.debug("%s: %s", UNAVAILABLE, _describe(exc))
             raise StorageUnavailable(UNAVAILABLE, detail=_describe(exc)) from exc
+        finally:
+            if deadline is not None:
+                deadline.cancel()
     raise AssertionError("unreachable")
+
+
+def _answered(database: peewee.Database) -> None:
+    """An operation succeeded: the database is not hung (any more)."""
+    if getattr(database, "hung_since", None) is not None:
+        log.info("Database answering again after %.1f s", time.monotonic() - database.hung_since)
+        database.hung_since = None
 
 
 def _discard_connection(database: peewee.Database) -> None:

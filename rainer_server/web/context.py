@@ -91,7 +91,8 @@ class RainerContext:
 
     def open_storage(self) -> CommitStorage:
         """A new, unstarted storage as the settings describe it."""
-        return DbCommitStorage(open_database(self.settings.database_url), self.settings.table)
+        database = open_database(self.settings.database_url, self.settings.database_timeout)
+        return DbCommitStorage(database, self.settings.table)
 
     def release_connections(self) -> None:
         """Give this greenlet's pooled database connections back (see ``release``): at the end

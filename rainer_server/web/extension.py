@@ -74,7 +74,9 @@ class Rainer(RainerContext):
         values.update(own)  # the app's config wins
         self.settings = load_settings(without_prefix(values))
         self.payloads = make_payloads(self.settings.payload_format, self.settings.payload_schemas)
-        self.gate = open_gate(self.settings, open_database(self.settings.database_url))
+        self.gate = open_gate(
+            self.settings, open_database(self.settings.database_url, self.settings.database_timeout)
+        )
         audit.configure(self.settings.audit_log)
         app.extensions["rainer"] = self
         api.register(app, self.settings.url_prefix)

@@ -31,8 +31,8 @@ from tests.faults.scenarios import table  # noqa: E402
 
 #: The order of a full run: the database moves before it is killed; the control run, which
 #: leaves the journal behind ZooKeeper on purpose, comes last.
-ORDER = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "db-move",
-         "db-kill", "db-kill-control"]
+ORDER = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "hung-db",
+         "slow-clients", "db-move", "db-kill", "db-kill-control"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import re
+import signal
+import socket
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -651,6 +657,301 @@ def database_killed_control(b: Bench) -> None:
     _database_kill(b, control=True)
 
 
+# ------------------------------------------------------------- a hung database, slow clients
+
+
+class Sampler(threading.Thread):
+    """Sends one kind of request to one target over and over (a fresh connection each, as a
+    new client would) and records every answer: ``(t0, t1, status, cached, retry_after)``."""
+
+    def __init__(self, kind: str, target: Target, path: str, pause: float = 0.02,
+                 timeout: float = 30.0) -> None:
+        super().__init__(name=f"sampler-{kind}-{target.name}", daemon=True)
+        self.kind = kind
+        self.target = target
+        self.path = path
+        self.pause = pause
+        self.timeout = timeout
+        self.samples: list[tuple[float, float, int, bool, str | None]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            t0 = time.time()
+            status, headers, _, _ = http("GET", self.target.url + self.path, timeout=self.timeout)
+            self.samples.append((t0, time.time(), status, headers.get("x-rainer-cached") == "Yes",
+                                 headers.get("retry-after")))
+            self.stop_event.wait(self.pause)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(self.timeout + 5)
+
+    def between(self, start: float, end: float) -> list[tuple]:
+        """Samples started in [start, end)."""
+        return [s for s in self.samples if start <= s[0] < end]
+
+
+@dataclasses.dataclass
+class Samples:
+    """What one sampler recorded (see ``Sampler``), handed back by a ``SamplerProcess``."""
+
+    kind: str
+    target: str
+    samples: list[tuple]
+
+    def between(self, start: float, end: float) -> list[tuple]:
+        return [s for s in self.samples if start <= s[0] < end]
+
+
+def _sample_in_child(specs: list[tuple], stop, conn) -> None:
+    samplers = [Sampler(kind, Target(name, url), path, pause)
+                for kind, name, url, path, pause in specs]
+    for sampler in samplers:
+        sampler.start()
+    stop.wait()
+    for sampler in samplers:
+        sampler.stop()
+    conn.send([(s.kind, s.target.name, s.samples) for s in samplers])
+    conn.close()
+
+
+class SamplerProcess:
+    """Samplers in a process of their own, for the latencies held to milliseconds: the
+    scenario's process runs the load, the fault proxies and the monitors, and its GIL would
+    add their work to every latency it measured. ``specs``: ``(kind, target, path, pause)``."""
+
+    def __init__(self, specs: list[tuple[str, Target, str, float]]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results, child = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_sample_in_child, daemon=True,
+            args=([(k, t.name, t.url, path, pause) for k, t, path, pause in specs],
+                  self._stop, child))
+
+    def start(self) -> None:
+        self._process.start()
+
+    def stop(self, timeout: float = 60.0) -> list[Samples]:
+        self._stop.set()
+        if not self._results.poll(timeout):
+            self._process.kill()
+            raise ClusterError("the sampler process sent nothing back")
+        recorded = [Samples(*item) for item in self._results.recv()]
+        self._process.join(10)
+        return recorded
+
+
+def p99(samples: list[tuple]) -> float:
+    """The 99th percentile of the samples' latencies in seconds (nearest rank); inf if none."""
+    if not samples:
+        return float("inf")
+    latencies = sorted(s[1] - s[0] for s in samples)
+    return latencies[min(len(latencies) - 1, max(0, -(-99 * len(latencies) // 100) - 1))]
+
+
+def ms(value: float) -> str:
+    return "none" if value == float("inf") else f"{value * 1000:.0f} ms"
+
+
+def hung_database(b: Bench) -> None:
+    """SIGSTOP MariaDB for 20 s under load (SIGCONT after): a hung server still completes TCP
+    connects into its backlog, so the handshake and every query hang. DB-bound requests must
+    answer 503 with Retry-After within 3 s; mirror-backed reads, /healthz and /metrics keep
+    answering (p99 <= 100 ms); DB-bound requests answer 200 again within 2 s of SIGCONT."""
+    cluster = b.cluster
+    hang = 20.0
+    stable = b.prefix + "stable"
+    entry = post(b.nginx, stable, 1, b'{"stable": true}', "setup", b.history)
+    if entry["s"] != 200:
+        raise ClusterError(f"setup commit failed: {entry}")
+    # The stable key in every host's mirror (and its index in every hub) before the hang.
+    b.probe()
+    if b.wait(lambda: all(read_head(b.target(h), stable, "setup", b.history).get("cached")
+                          for h in cluster.hosts for _ in range(2 * h.workers)), 30) is None:
+        raise ClusterError("the stable key never reached every mirror")
+    quoted = urllib.parse.quote(stable, safe="")
+    fast: list[tuple[str, Target, str, float]] = [("cached", b.nginx, f"/diary/{quoted}", 0.02)]
+    # /history never comes from the mirror: a DB-bound read (its target is seconds, and its
+    # answers are watched live for the recovery, so it samples from this process).
+    db_samplers: list[Sampler] = []
+    for host in cluster.hosts:
+        target = b.target(host)
+        fast += [("cached", target, f"/diary/{quoted}", 0.02),
+                 ("healthz", target, "/healthz", 0.02),
+                 # Twice a second (Prometheus scrapes every 15 s): a scrape reads every
+                 # worker's files, and ten a second loaded the 2-core machine themselves.
+                 ("metrics", target, "/metrics", 0.5)]
+        db_samplers.append(Sampler("db", target, f"/diary/{quoted}/history?limit=1", pause=0.1))
+    sampling = SamplerProcess(fast)
+    sampling.start()
+    samplers: list = []
+    # Writers (they answer the checker) and readers, lighter than the other scenarios: the
+    # figures here are latencies of other requests.
+    with b.load(writers=2, read_pause=0.05) as load:
+        for sampler in db_samplers:
+            sampler.start()
+        try:
+            b.wait_acks(b.n(30), 120)
+            pid = cluster.db.process.pid
+            stopped = time.time()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(hang)  # the fault's duration: requests go on meanwhile
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            resumed = time.time()
+            # Every host's DB-bound reads answer 200 again (their first 200 started after the
+            # SIGCONT; the last sample of each host then is checked below).
+            back = b.wait(lambda: all(any(x[2] == 200 and x[0] >= resumed for x in s.samples)
+                                      for s in db_samplers), 30, 0.02)
+            b.wait_acks(b.n(30), 120)
+        finally:
+            for sampler in db_samplers:
+                sampler.stop()
+            samplers = sampling.stop()
+    r = b.finish(load)
+    # Requests that started in the hang and had to end before it did (a request started 3 s
+    # before the SIGCONT may rightly get its 200 from the resumed server).
+    window = (stopped, resumed - 3.0)
+    db_bound = [s for x in db_samplers for s in x.between(*window)]
+    # The writers' POSTs, and their /history look-ups after each failed one.
+    writes = [e for e in b.history.entries
+              if e["op"] in ("write", "resync") and window[0] <= e["t0"] < window[1]]
+    slowest = max([s[1] - s[0] for s in db_bound] + [e["t1"] - e["t0"] for e in writes],
+                  default=float("inf"))
+    not_503 = [s for s in db_bound if s[2] != 503 or not s[4]]
+    writes_not_503 = [e for e in writes if e["s"] != 503]
+    b.figure("DB-bound requests in the hang: 503 with Retry-After",
+             f"{len(db_bound) - len(not_503)} of {len(db_bound)} reads, "
+             f"{len(writes) - len(writes_not_503)} of {len(writes)} writers' requests",
+             "all", bool(db_bound) and not not_503 and not writes_not_503,
+             str(not_503[:1] or writes_not_503[:1]))
+    b.figure("slowest DB-bound answer in the hang", seconds(slowest), "<= 3 s", slowest <= 3.0)
+    for kind in ("cached", "healthz", "metrics"):
+        during = [s for x in samplers if x.kind == kind for s in x.between(stopped, resumed)]
+        # The same requests before the hang: what the (shared, loaded) machine gives anyway.
+        before = [s for x in samplers if x.kind == kind for s in x.between(0, stopped)]
+        bad = [s for s in during if s[2] != 200 or (kind == "cached" and not s[3])]
+        value = p99(during)
+        b.figure(f"{kind} p99 during the hang (all targets)",
+                 f"{ms(value)} over {len(during)}, {len(bad)} not 200"
+                 + (" from the mirror" if kind == "cached" else "")
+                 + f" (before the hang: {ms(p99(before))} over {len(before)})",
+                 "<= 100 ms, all 200", value <= 0.1 and not bad and len(during) > 10,
+                 str(bad[:1]) if bad else "")
+    b.figure("recovery: every host's DB-bound reads 200 after SIGCONT", seconds(back), "<= 2 s",
+             back is not None and back <= 2.0)
+    other = {k: v for k, v in r.server_errors_by.items() if not k.endswith(" 503")}
+    b.figure("5xx other than 503; requests with no answer",
+             f"{sum(other.values())}; {r.no_answer}", "0; 0", not other and not r.no_answer,
+             str(other) if other else "")
+    b.invariants()
+
+
+class SlowClients(threading.Thread):
+    """``count`` connections to ``url``, each sending ``request`` a byte a second. A connection
+    the server drops (gunicorn's gevent worker gives a request's headers its keepalive, 5 s;
+    nginx its client_header_timeout, 10 s) is replaced by a new one at once, as a slowloris
+    would: ``count`` are always trickling."""
+
+    def __init__(self, url: str, count: int, request: bytes) -> None:
+        super().__init__(name="slow-clients", daemon=True)
+        parts = urllib.parse.urlsplit(url)
+        self.address = (parts.hostname, parts.port)
+        self.count = count
+        self.request = request
+        self.stop_event = threading.Event()
+        #: [socket, bytes sent] of every open slow connection.
+        self.open: list[list] = []
+        self.dropped = 0
+        self.rounds = 0
+
+    def _connect(self) -> list:
+        conn = socket.create_connection(self.address, timeout=5)
+        conn.setblocking(False)
+        return [conn, 0]
+
+    def run(self) -> None:
+        while len(self.open) < self.count and not self.stop_event.is_set():
+            self.open.append(self._connect())
+        while not self.stop_event.is_set():
+            for n, slot in enumerate(self.open):
+                conn, sent = slot
+                if not _still_open(conn) or sent >= len(self.request):
+                    conn.close()
+                    self.dropped += sent < len(self.request)
+                    slot = self.open[n] = self._connect()
+                    conn, sent = slot
+                try:
+                    conn.send(self.request[sent:sent + 1])
+                    slot[1] = sent + 1
+                except OSError:
+                    pass  # found dropped on the next round
+            self.rounds += 1
+            self.stop_event.wait(1.0)
+        for conn, _ in self.open:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+
+
+def slow_clients(b: Bench) -> None:
+    """200 connections sending their request a byte a second must not slow anyone else: another
+    client's p99 stays <= 100 ms, straight to a host (gevent: a slow client is a greenlet, not a
+    worker) and through nginx (it buffers the request before it picks a host)."""
+    cluster = b.cluster
+    count, duration = 200, 15.0 if b.quick else 30.0
+    key = b.prefix + "stable"
+    entry = post(b.nginx, key, 1, b'{"stable": true}', "setup", b.history)
+    if entry["s"] != 200:
+        raise ClusterError(f"setup commit failed: {entry}")
+    quoted = urllib.parse.quote(key, safe="")
+    host = cluster.hosts[0]
+    for target in (b.target(host), b.nginx):
+        # A request longer than the measurement at a byte a second.
+        path = f"/diary/{quoted}?slow={'x' * int(duration + 30)}"
+        request = f"GET {path} HTTP/1.1\r\nHost: slow\r\n\r\n".encode()
+        baseline = Sampler("read", target, f"/diary/{quoted}", pause=0.02)
+        baseline.start()
+        time.sleep(5.0)  # the baseline's measurement
+        baseline.stop()
+        slow = SlowClients(target.url, count, request)
+        slow.start()
+        try:
+            if b.wait(lambda: slow.rounds >= 1, 60) is None:
+                raise ClusterError(f"only {len(slow.open)} of {count} slow connections opened")
+            sampler = Sampler("read", target, f"/diary/{quoted}", pause=0.02)
+            sampler.start()
+            time.sleep(duration)  # the measurement, while the slow clients trickle
+            sampler.stop()
+        finally:
+            slow.stop()
+        bad = [s for s in sampler.samples if s[2] != 200]
+        value = p99(sampler.samples)
+        b.figure(f"another client's p99 with {count} slow clients, {target.name}",
+                 f"{ms(value)} over {len(sampler.samples)} (without: {ms(p99(baseline.samples))});"
+                 f" {len(bad)} not 200", "<= 100 ms, all 200",
+                 value <= 0.1 and not bad and len(sampler.samples) > 20,
+                 str(bad[:1]) if bad else "")
+        b.figure(f"slow connections the server dropped (each replaced at once), {target.name}",
+                 f"{slow.dropped} in {slow.rounds} s", "info", None)
+
+
+def _still_open(conn: socket.socket) -> bool:
+    """Whether the server still waits for the rest of the request on ``conn`` (it has neither
+    closed it nor answered, e.g. with a 408)."""
+    try:
+        conn.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing to read: still waiting
+    except OSError:
+        return False
+    return False  # closed (b""), or an answer came
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "racing": racing_writers,
     "zk-leader": zk_leader_killed,
@@ -661,6 +962,8 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "db-move": database_moved,
     "db-kill": database_killed,
     "db-kill-control": database_killed_control,
+    "hung-db": hung_database,
+    "slow-clients": slow_clients,
 }
 
 
