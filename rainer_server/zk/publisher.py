@@ -573,6 +573,43 @@ class AutoPublisher:
         )
         return counts
 
+    def drift(self, may_write: Callable[[], bool] | None = None) -> int:
+        """How many heads of the storage ZooKeeper does not show, by the mirrors (what a pass
+        would write or refuse); every head when a mirror cannot be had. No writes.
+
+        :param may_write: the mirrors are waited for while this holds; defaults to "the client
+            is connected".
+        """
+        fence = may_write or (lambda: self.client.connected)
+        if not self._storage_started:
+            self.storage.start()
+            self._storage_started = True
+        heads = self.storage.heads()
+        mirror = self._get_mirror(fence)
+        deletions = self._get_deletions(fence)
+        if mirror is None or deletions is None:
+            return len(heads)
+        published, deleted, unparseable = mirror.current, deletions.current, mirror.unparseable
+        return sum(
+            1
+            for key, commit in heads.items()
+            if key in unparseable or not _shown(published, deleted, key, commit)
+        )
+
+    def _drifted(self, term: int) -> bool:
+        """Whether a new leader should publish at once rather than after a period."""
+        try:
+            differing = self.drift(lambda: self._may_lead(term))
+        except Exception as exc:
+            # The pass will meet the same failure and report it; better tried now than later.
+            log.warning("Cannot compare ZooKeeper with the storage: %s", _one_line(exc))
+            return True
+        if differing:
+            log.info(
+                "ZooKeeper differs from the storage in %d keys: publishing now", differing
+            )
+        return differing > 0
+
     def _get_mirror(self, fence: Callable[[], bool]) -> CommitMirror | None:
         """The mirror to compare against, or ``None`` to read each znode instead.
 
@@ -658,7 +695,9 @@ class AutoPublisher:
         self._leading = True
         self._notify(self.leader_listeners, True)
         try:
-            first = not self.delay
+            # Leading a fresh cluster, or one whose ZooKeeper was emptied or fell behind: a
+            # whole period of stale or missing znodes is what the delay would cost.
+            first = not self.delay or self._drifted(term)
             while True:
                 if not first and self._wait(self.next_interval(), term):
                     break
