@@ -420,6 +420,8 @@ class AutoPublisher:
         self._leading = False
         self._thread: threading.Thread | None = None
         self._pass_lock = threading.Lock()
+        #: Keys whose heads one storage transaction locks in a pass (storages that can).
+        self.lock_batch_keys = LOCK_BATCH_KEYS
         #: Completed passes (leader passes and ``publish_all`` calls alike).
         self.passes = 0
         #: The counts of the last pass, or ``None`` before the first.
@@ -529,7 +531,13 @@ class AutoPublisher:
                 lock_heads = getattr(self.storage, "locked_heads", None)
                 if lock_heads is not None:
                     publish_heads_batched(
-                        self.keeper, heads, counts, lock_heads=lock_heads, may_write=fence, **known
+                        self.keeper,
+                        heads,
+                        counts,
+                        lock_heads=lock_heads,
+                        may_write=fence,
+                        batch_keys=self.lock_batch_keys,
+                        **known,
                     )
                 else:
                     publish_heads(
