@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,7 @@ from rainer_server.web.commits import save_commit
 from rainer_server.web.commits import sign
 from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
+from rainer_server.web.listing import ListingFragments
 from rainer_server.web.middleware import CACHED
 from rainer_server.web.middleware import path_is_utf8
 from rainer_server.web.middleware import INDEX_HEADER
@@ -196,11 +198,19 @@ def _listing(
                 newest = min(index, hub.newest_index(lambda key: key.startswith(prefix)))
             else:
                 newest = index
-            cached = (heads, _list_body(heads, False, utf8, b64, prefix), index, newest)
-            rainer.list_cache[flags] = cached
-        return Response(
-            cached[1], 200, mimetype=JSON, headers={**CACHED, INDEX_HEADER: str(cached[3])}
-        ), cached[3]
+            headers = {**CACHED, INDEX_HEADER: str(newest)}
+            # Streamed as it is built (100k keys: the first bytes leave after 2000), and kept
+            # for the next request once complete.
+            entry = (heads, flags, index, newest)
+            chunks = _caching(rainer, entry, rainer.listing.chunks(heads, False, utf8, b64, prefix))
+            return Response(chunks, 200, mimetype=JSON, headers=headers), newest
+        chunks = cached[1]
+        headers = {
+            **CACHED,
+            INDEX_HEADER: str(cached[3]),
+            "Content-Length": str(sum(map(len, chunks))),
+        }
+        return Response(chunks, 200, mimetype=JSON, headers=headers), cached[3]
     storage = rainer.database_storage
     flags = ("storage", include_all, utf8, b64, prefix)
     token = storage.heads_token()
@@ -221,6 +231,19 @@ def _listing(
     if tag in request.headers.get("If-None-Match", ""):
         return Response(status=304, headers=headers), cached[2]
     return Response(cached[1], 200, mimetype=JSON, headers=headers), cached[2]
+
+
+def _caching(
+    rainer: RainerContext, entry: tuple[Any, tuple[Any, ...], int, int], chunks: Iterator[bytes]
+) -> Iterator[bytes]:
+    """Yield ``chunks``; once all are sent, cache them as ``entry``'s listing (a client that
+    hangs up early leaves nothing half-built behind)."""
+    sent = []
+    for chunk in chunks:
+        sent.append(chunk)
+        yield chunk
+    heads, flags, index, newest = entry
+    rainer.list_cache[flags] = (heads, sent, index, newest)
 
 
 def _mirror_state(rainer: RainerContext) -> tuple[int, Mapping[str, Commit], Any] | None:
@@ -306,12 +329,8 @@ def _filtered_listing(
 def _list_body(
     heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool, prefix: str = ""
 ) -> bytes:
-    listing = {
-        key: _meta_with_payload(heads[key], utf8, b64)
-        for key in sorted(heads)
-        if (include_all or not heads[key].empty) and key.startswith(prefix)
-    }
-    return json.dumps(listing, ensure_ascii=False).encode("utf-8")
+    # Heads read from the database are new objects on every read: nothing to keep.
+    return b"".join(ListingFragments().chunks(heads, include_all, utf8, b64, prefix, cache=False))
 
 
 def _meta_with_payload(commit: Commit, utf8: bool, b64: bool) -> dict[str, Any]:
