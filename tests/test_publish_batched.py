@@ -240,3 +240,34 @@ def test_drift_counts_what_a_pass_would_write(keeper):
         wait_until(lambda: publisher.drift() == 0, what="the mirrors to catch up")
     finally:
         publisher.close()
+
+
+# ---------------------------------------------------------------- mirror start-up
+
+
+def test_a_mirror_paces_its_first_reads_and_its_reads_after_a_session_loss(
+    keeper, zk, zk_chroot, monkeypatch
+):
+    from rainer_server.zk import mirror as mirror_module
+    from tests.zk_support import expire_session
+
+    monkeypatch.setattr(mirror_module, "READS_IN_FLIGHT", 7)  # 250 keys: many rounds of 7
+    names = keys(250)
+    outcome = keeper.create_many([make_commit(key) for key in names])
+    assert all(error is None for error in outcome.values())
+    with keeper.mirror() as mirror:
+        assert mirror.current == {key: make_commit(key) for key in names}
+        expire_session(keeper.client, zk_chroot, wait_for_new_session=False)
+        # Made while the mirror's session was gone: only the paced full re-read finds them.
+        zk.set(keeper.znode("key-0100"), make_commit("key-0100", 2).serialize())
+        zk.set(keeper.znode("key-0249"), make_commit("key-0249", 2).serialize())
+        wait_until(
+            lambda: mirror.current.get("key-0100") == make_commit("key-0100", 2)
+            and mirror.current.get("key-0249") == make_commit("key-0249", 2)
+            and mirror.stale_since is None,
+            what="the re-read after the session loss",
+        )
+        # And every key is watched again.
+        zk.set(keeper.znode("key-0003"), make_commit("key-0003", 2).serialize())
+        wait_until(lambda: mirror.current["key-0003"].version == 2, what="a change after it")
+        assert len(mirror.current) == 250
