@@ -153,7 +153,9 @@ class ViewRecorder:
 
 
 @pytest.mark.parametrize("kind", STORAGE_KINDS)
-def test_tombstones_racing_a_batched_pass_never_come_back(kind, keeper, zk, zk_chroot, tmp_path, request):
+def test_tombstones_racing_a_batched_pass_never_come_back(
+    kind, keeper, zk, zk_chroot, tmp_path, request
+):
     # A writer deletes every key while the pass (another process's publisher) runs over the
     # heads it read before: its locked batches make each tombstone wait for, and follow,
     # the create of that key, so no key reappears after its deletion.

@@ -733,9 +733,10 @@ class DbCommitStorage:
                 heads: dict[str, Commit] = {}
                 # Bounded IN lists: SQLite allows 32766 parameters, MySQL's packet is finite.
                 for start in range(0, len(encoded), _LOCK_CHUNK):
+                    chunk = encoded[start : start + _LOCK_CHUNK]
                     query = (
                         row.select(*self._fields)
-                        .where((row.is_head == True) & row.key.in_(encoded[start : start + _LOCK_CHUNK]))  # noqa: E712
+                        .where((row.is_head == True) & row.key.in_(chunk))  # noqa: E712
                         .order_by(row.key)
                         .for_update(not self._is_sqlite)
                     )

@@ -450,7 +450,9 @@ class CommitKeeper:
             # A deadline per answer, as in _read_all: a silent ZooKeeper is noticed within one.
             results = self.wait_for(result, time.monotonic() + self.timeout)
         except (KeeperError, InvalidCommit, NoNodeError, NodeExistsError, BadVersionError) as exc:
-            error = exc if isinstance(exc, KeeperError) else KeeperError(f"ZooKeeper error: {exc!r}")
+            error = (
+                exc if isinstance(exc, KeeperError) else KeeperError(f"ZooKeeper error: {exc!r}")
+            )
             outcome.update((commit.key, error) for commit, _ in batch)
             return error
         failure = next(

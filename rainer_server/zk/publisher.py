@@ -209,7 +209,8 @@ def publish_heads_batched(
     for key, commit in heads.items():
         if on_key is not None:
             on_key(key)
-        if published is not None and key not in unparseable and _shown(published, deleted, key, commit):
+        known = published is not None and key not in unparseable
+        if known and _shown(published, deleted, key, commit):  # type: ignore[arg-type]
             counts.unchanged += 1
         else:
             work.append(key)
@@ -273,7 +274,8 @@ def _publish_locked(
             if _shown(published, deleted, key, head):
                 counts.unchanged += 1
                 continue
-            if not head.empty and key not in published and deleted is not None and key not in deleted:
+            absent = key not in published and deleted is not None and key not in deleted
+            if absent and not head.empty:
                 creates.append(head)
                 continue
         singles[key] = head
@@ -320,7 +322,9 @@ def _shown(
 ) -> bool:
     """Whether ZooKeeper is known to show ``commit`` already (what ``publish_heads`` skips)."""
     known = published.get(key)
-    return known == commit or (known is None and commit.empty and _recorded(deleted, key, commit.version))
+    return known == commit or (
+        known is None and commit.empty and _recorded(deleted, key, commit.version)
+    )
 
 
 def _save(
