@@ -273,3 +273,34 @@ def test_a_mirror_paces_its_first_reads_and_its_reads_after_a_session_loss(
         zk.set(keeper.znode("key-0003"), make_commit("key-0003", 2).serialize())
         wait_until(lambda: mirror.current["key-0003"].version == 2, what="a change after it")
         assert len(mirror.current) == 250
+
+
+def test_a_mirror_opened_while_keys_change_ends_with_their_newest_commits(keeper, zk):
+    # First answers are applied in one go once all are in; a key changed meanwhile is read
+    # again, and its older first answer must not win.
+    names = keys(400)
+    assert all(e is None for e in keeper.create_many([make_commit(k) for k in names]).values())
+    zk.create(keeper.znode("corrupt"), b"\x00not a commit")
+    stop = threading.Event()
+    versions = dict.fromkeys(names, 1)
+
+    def churn() -> None:
+        while not stop.is_set():
+            for key in names[::7]:
+                versions[key] += 1
+                zk.set(keeper.znode(key), make_commit(key, versions[key]).serialize())
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        mirror = keeper.mirror(wait=False)
+    finally:
+        try:
+            assert mirror.wait_initialized(30)
+        finally:
+            stop.set()
+            writer.join(30)
+    with mirror:
+        expected = {key: make_commit(key, version) for key, version in versions.items()}
+        wait_until(lambda: mirror.current == expected, what="the newest commit of every key")
+        assert mirror.unparseable == {"corrupt"}
