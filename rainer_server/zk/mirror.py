@@ -7,6 +7,7 @@ mirror's own worker thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -408,39 +409,35 @@ class CommitMirror:
             self.client.get_async(kw.path, watch=kw.on_event).rawlink(partial(answered, kw))
 
     def _read_first(self, kws: list[_KeyWatch]) -> None:
-        """The first listing's reads, paced as ``_read_keys``; their answers are kept as
-        they arrive and parsed and applied in one go once all are in.
+        """The first listing's reads, at most ``READS_IN_FLIGHT`` unanswered, collected here
+        in order and then parsed and applied in one go.
 
-        Parsing each answer as it arrived kept kazoo's callback thread taking the GIL from
-        its connection thread between answers: with 10k keys that, not the parsing, made a
-        start-up ~1.4x the bare reads. Nothing is published before the first complete view
-        anyway. A key whose watch fires first is read again and applied as usual; its first
-        answer, older, is then dropped.
+        Each answer parsed on kazoo's callback thread as it arrived kept that thread taking
+        the GIL from the connection thread between answers: with 10k keys that, not the
+        parsing, made a start-up ~1.4x the bare reads. Nothing is published before the first
+        complete view anyway. A key whose watch fires before the answers are applied is read
+        again and applied as usual; its first answer, older, is then dropped.
         """
         answers: list[tuple[_KeyWatch, bytes]] = []
-        remaining = [len(kws)]
-        counting = threading.Lock()
-        slots = threading.Semaphore(READS_IN_FLIGHT)
+        pending: collections.deque[tuple[_KeyWatch, Any]] = collections.deque()
 
-        def answered(kw: _KeyWatch, result: Any) -> None:
-            slots.release()
+        def collect(kw: _KeyWatch, result: Any) -> None:
             try:
-                data, _stat = result.get()
+                data, _stat = result.get(timeout=self.keeper.timeout)
             except Exception:
                 # Absent (an exists watch then waits for it), or the connection dropped
-                # (read again once connected): as any read.
-                self._on_read(kw, result)
+                # (read again once connected), or no answer yet: as any read.
+                result.rawlink(partial(self._on_read, kw))
             else:
                 answers.append((kw, data))
-            with counting:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                self._apply_first(answers)
 
         for kw in kws:
-            slots.acquire(timeout=self.keeper.timeout)
-            self.client.get_async(kw.path, watch=kw.on_event).rawlink(partial(answered, kw))
+            pending.append((kw, self.client.get_async(kw.path, watch=kw.on_event)))
+            if len(pending) >= READS_IN_FLIGHT:
+                collect(*pending.popleft())
+        while pending:
+            collect(*pending.popleft())
+        self._apply_first(answers)
 
     def _apply_first(self, answers: list[tuple[_KeyWatch, bytes]]) -> None:
         """Parse and apply the first reads' answers at once (see ``_read_first``)."""
