@@ -304,3 +304,15 @@ def test_a_mirror_opened_while_keys_change_ends_with_their_newest_commits(keeper
         expected = {key: make_commit(key, version) for key, version in versions.items()}
         wait_until(lambda: mirror.current == expected, what="the newest commit of every key")
         assert mirror.unparseable == {"corrupt"}
+
+
+def test_create_many_keeps_each_transaction_below_zookeepers_packet_limit(keeper, zk, caplog):
+    # Five 300 kB commits: any two together pass the 512 KiB a transaction may carry (a
+    # request over jute.maxbuffer, 1 MiB, would make the server drop the connection).
+    big = [make_commit(f"big-{i}", 1, b'"%s"' % (b"x" * 300_000)) for i in range(5)]
+    with caplog.at_level(logging.INFO, logger="rainer_server.zk.keeper"):
+        outcome = keeper.create_many(big)
+    assert outcome == dict.fromkeys((c.key for c in big), None)
+    assert len([r for r in caplog.records if "in one transaction" in r.getMessage()]) == 5
+    assert all(zk.get(keeper.znode(c.key))[0] == c.serialize() for c in big)
+    assert keeper.client.connected

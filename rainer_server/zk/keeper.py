@@ -405,11 +405,14 @@ class CommitKeeper:
                 outcome[commit.key] = exc
                 continue
             # Bounded by bytes too: a request over jute.maxbuffer drops the connection.
-            if len(batches[-1]) >= KEYS_PER_TRANSACTION or size + len(payload) > _BATCH_BYTES:
+            full = len(batches[-1]) >= KEYS_PER_TRANSACTION or size + len(payload) > _BATCH_BYTES
+            if full and batches[-1]:
                 batches.append([])
                 size = 0
             batches[-1].append((commit, payload))
-            size += len(payload) + 2 * len(commit.key) + 200
+            # Its three operations: the paths (UTF-8) and ~20 bytes of framing each.
+            paths = self.znode(commit.key) + 2 * self.deleted_znode(commit.key)
+            size += len(payload) + len(paths.encode("utf-8")) + 64
         batches = [batch for batch in batches if batch]
         if not batches:
             return outcome
