@@ -281,6 +281,8 @@ def _publish_locked(
         singles[key] = head
     if creates:
         outcome = keeper.create_many(creates, may_write=may_write)
+        # One transaction's failure is every one of its keys': logged once, not per key.
+        logged: set[int] = set()
         for head in creates:
             error = outcome.get(head.key)
             if error is None:
@@ -292,8 +294,15 @@ def _publish_locked(
                 refused = isinstance(error, CommitTooLarge)
                 if refused:
                     log.error("Cannot publish commit %s: %s", head.key, error)
-                else:
-                    log.warning("Failed to publish commit %s: %s", head.key, _one_line(error))
+                elif id(error) not in logged:
+                    logged.add(id(error))
+                    shared = sum(1 for other in outcome.values() if other is error)
+                    log.warning(
+                        "Failed to publish commit %s%s: %s",
+                        head.key,
+                        f" and {shared - 1} more" if shared > 1 else "",
+                        _one_line(error),
+                    )
                 outcome_name = "refused" if refused else "failed"
                 setattr(counts, outcome_name, getattr(counts, outcome_name) + 1)
                 failures_in_a_row = 0 if refused else failures_in_a_row + 1

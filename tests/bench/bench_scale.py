@@ -165,6 +165,40 @@ def drop(client, path: str, levels: int = 0) -> None:
     client.delete(path)
 
 
+def listing_figures(figures: dict, mysql_url: str, table: str, hosts: str, heads: dict) -> dict:
+    """``--listing-only``: one gunicorn worker on the table and chroot; cold, warm and
+    after-a-change listings from its mirror."""
+    with tempfile.TemporaryDirectory() as logs:
+        server = Gunicorn(
+            {
+                "RAINER_DATABASE_URL": mysql_url,
+                "RAINER_TABLE": table,
+                "RAINER_ZK_HOSTS": hosts,
+                "RAINER_PUBLISH_PERIOD": "3600",
+                "RAINER_TEST_LOG_DIR": logs,
+            },
+            workers=1,
+        )
+        try:
+            server.wait_ready(300)
+            root = server.url.rsplit("/diary", 1)[0]
+
+            def mirror_ready() -> bool:
+                try:
+                    return urllib.request.urlopen(root + "/readyz", timeout=5).status == 200
+                except OSError:
+                    return False
+
+            wait(mirror_ready, 600, "gunicorn worker's mirror")
+            url = server.url + "/"
+            figures["list_mirror_cold_s"], figures["list_mirror_bytes"] = http_time(url)
+            figures["list_mirror_warm_s"] = median_time(lambda: http_time(url))
+            figures["list_mirror_changed_s"] = listing_after_changes(server.url, heads, 3)
+        finally:
+            server.stop()
+    return figures
+
+
 def listing_after_changes(base_url: str, heads: dict, rounds: int) -> float:
     """Median seconds of the first mirror listing that shows a new version of one key."""
     times = []
@@ -189,7 +223,10 @@ def listing_after_changes(base_url: str, heads: dict, rounds: int) -> float:
     return statistics.median(times)
 
 
-def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int, rounds: int = 3) -> dict:
+def run_scenario(
+    mysql_url: str, zk_hosts: str, keys: int, versions: int, rounds: int = 3,
+    listing_only: bool = False,
+) -> dict:
     figures: dict = {"scenario": f"{keys}x{versions}", "keys": keys, "versions": versions}
     table = "t_scale_" + uuid.uuid4().hex[:8]
     storage = DbCommitStorage(open_database(mysql_url), table)
@@ -213,6 +250,11 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int, rounds
         heads = storage.heads()
         serialized = [(key, commit.serialize()) for key, commit in heads.items()]
         floors, passes = [], []
+        if listing_only:
+            rounds = 0
+            counts = AutoPublisher(client, CommitKeeper(client, "/rainer", timeout=30), storage,
+                                   period=3600).publish_all()
+            assert counts.created == keys and not counts.failed, counts
         for round_ in range(rounds):
             client.ensure_path(f"/floor-{round_}")
             started = time.perf_counter()
@@ -228,6 +270,8 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int, rounds
                 publisher.close()
                 drop(client, f"/floor-{round_}")
                 drop(client, base, 1)
+        if listing_only:
+            return listing_figures(figures, mysql_url, table, zk_hosts + chroot, heads)
         figures["floor_creates_s"] = statistics.median(floors)
         figures["pass_first_s"] = statistics.median(passes)
         figures["pass_first_ratio"] = statistics.median(p / f for p, f in zip(passes, floors))
@@ -378,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", action="append", help="KEYSxVERSIONS (default: 10000x50, 100000x5)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--listing-only", action="store_true",
+                        help="only what the listing target needs (one pass, one worker)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="paired floor/figure rounds for the publish and mirror ratios")
     args = parser.parse_args(argv)
@@ -398,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in args.scenario or ["10000x50", "100000x5"]:
             keys, versions = (int(n) for n in scenario.lower().split("x"))
             print(f"[bench_scale] {keys} keys x {versions} versions ...", file=sys.stderr, flush=True)
-            results.append(run_scenario(mysql_url, zk_hosts, keys, versions, args.rounds))
+            results.append(run_scenario(mysql_url, zk_hosts, keys, versions, args.rounds,
+                                        args.listing_only))
             # As each scenario ends: a long run that fails later keeps what it measured.
             print(f"[bench_scale] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
             if args.json:
