@@ -215,7 +215,8 @@ def test_publishes_at_once_without_delay_and_leaves_on_close(keeper, storage, pu
 
 
 def test_first_pass_waits_one_period_and_later_ones_are_fuzzed(keeper, storage, publishers):
-    """With the clock and sleep injected, 90 s periods run in milliseconds."""
+    """With the clock and sleep injected, 90 s periods run in milliseconds. ZooKeeper is in
+    line with the storage: the new leader only compares (one heads() read) and waits."""
     now = [1000.0]
     lock = threading.Lock()
 
@@ -237,14 +238,17 @@ def test_first_pass_waits_one_period_and_later_ones_are_fuzzed(keeper, storage, 
 
     recording = RecordingStorage()
     recording.save(make_commit("a"))
+    keeper.save(make_commit("a"))
     publisher = AutoPublisher(
         keeper.client, keeper, recording, period=90, fuzz=0.2, delay=True, clock=clock, sleep=sleep
     )
     publishers.append(publisher)
     start = clock()
     publisher.start()
-    wait_until(lambda: len(pass_times) >= 5, what="five passes")
+    wait_until(lambda: len(pass_times) >= 6, what="the comparison and five passes")
     publisher.close()
+    compared, pass_times[:] = pass_times[0], pass_times[1:]
+    assert compared == start and publisher.passes >= 5
     assert 72 <= pass_times[0] - start <= 108 + 0.2
     gaps = [b - a for a, b in zip(pass_times, pass_times[1:], strict=False)]
     assert all(72 - 0.2 <= gap <= 108 + 0.2 for gap in gaps), gaps

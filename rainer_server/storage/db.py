@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from datetime import datetime
 from datetime import timezone
@@ -96,6 +97,8 @@ _DISCONNECT_CODES = {0, 2006, 2013, 2014, 2045, 2055, 4031}
 _DEADLOCK = 1213
 _LOST_RACE_CODES = {1205, _DEADLOCK}
 _DEADLOCK_RETRIES = 3
+# Keys per SELECT ... IN (...) of locked_heads.
+_LOCK_CHUNK = 500
 #: Rows whose chain one statement batch of a migration writes.
 _MIGRATION_BATCH = 2000
 # MySQL errors at connect that no retry cures: access denied to the database (1044), for the
@@ -986,6 +989,41 @@ class DbCommitStorage:
         finally:
             if deadline is not None:
                 deadline.cancel()
+
+    @contextlib.contextmanager
+    def locked_heads(self, keys: Collection[str]) -> Iterator[dict[str, Commit]]:
+        """The heads of ``keys`` as of now (keys without one left out), their writers held off
+        until the block ends: ``locked_head`` for many keys in one transaction.
+
+        A first publish of 10k keys then costs a few transactions instead of 10k. The rows
+        are locked in key order, so two publishers (the elected one and ``flask rainer
+        publish``) queue rather than deadlock. SQLite's BEGIN IMMEDIATE holds every writer
+        off for the block, as ``locked_head`` does.
+
+        :raises StorageUnavailable: when the database cannot be reached.
+        """
+        self._run(lambda: None)  # connected, or reconnected once
+        row = self._row
+        encoded = sorted(key.encode("utf-8") for key in keys)
+        try:
+            with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+                heads: dict[str, Commit] = {}
+                # Bounded IN lists: SQLite allows 32766 parameters, MySQL's packet is finite.
+                for start in range(0, len(encoded), _LOCK_CHUNK):
+                    chunk = encoded[start : start + _LOCK_CHUNK]
+                    query = (
+                        row.select(*self._fields)
+                        .where((row.is_head == True) & row.key.in_(chunk))  # noqa: E712
+                        .order_by(row.key)
+                        .for_update(not self._is_sqlite)
+                    )
+                    for found in self.database.execute_sql(*query.sql()).fetchall():
+                        commit = self._to_commit(found)
+                        heads[commit.key] = commit
+                yield heads
+        except (OperationalError, InterfaceError) as exc:
+            _discard_connection(self.database)
+            raise StorageUnavailable(UNAVAILABLE, detail=_describe(exc)) from exc
 
     # ------------------------------------------------------------------ writes
 

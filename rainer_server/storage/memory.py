@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Collection
 from collections.abc import Iterator
 
 from rainer_server.commit import Commit
@@ -68,6 +69,13 @@ class MemoryCommitStorage:
         with self._lock:
             commits = self._history.get(key)
             yield commits[-1] if commits else None
+
+    @contextlib.contextmanager
+    def locked_heads(self, keys: Collection[str]) -> Iterator[dict[str, Commit]]:
+        """The heads of ``keys`` (keys without one left out), every writer held off until the
+        block ends (see ``DbCommitStorage.locked_heads``)."""
+        with self._lock:
+            yield {key: self._history[key][-1] for key in keys if self._history.get(key)}
 
     def last_index(self) -> int:
         with self._lock:

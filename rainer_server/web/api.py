@@ -45,6 +45,7 @@ from rainer_server.web.commits import save_commit
 from rainer_server.web.commits import sign
 from rainer_server.web.context import get_rainer
 from rainer_server.web.context import RainerContext
+from rainer_server.web.listing import ListingFragments
 from rainer_server.web.middleware import CACHED
 from rainer_server.web.middleware import edge_headers
 from rainer_server.web.middleware import path_is_utf8
@@ -213,16 +214,21 @@ def _listing(
                 newest = min(index, hub.newest_index(lambda key: key.startswith(prefix)))
             else:
                 newest = index
-            body = _list_body(heads, False, utf8, b64, prefix)
+            chunks = list(rainer.listing.chunks(heads, False, utf8, b64, prefix))
             # Of the body, not of the index: every worker names the same listing alike, so
-            # an edge cache revalidates it with whichever worker it reaches.
-            tag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
-            cached = (heads, body, index, newest, tag)
+            # an edge cache revalidates it with whichever worker it reaches. (Hashing needs the
+            # whole body first: the listing is built, then sent, not streamed as it is built.)
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+            cached = (heads, chunks, index, newest, '"%s"' % digest.hexdigest()[:32])
             rainer.list_cache[flags] = cached
-        headers = {**CACHED, "ETag": cached[4], INDEX_HEADER: str(cached[3])}
-        if etag_matches(request.headers.get("If-None-Match"), cached[4]):
-            return Response(status=304, headers=headers), cached[3]
-        return Response(cached[1], 200, mimetype=JSON, headers=headers), cached[3]
+        heads, chunks, index, newest, tag = cached
+        headers = {**CACHED, "ETag": tag, INDEX_HEADER: str(newest)}
+        if etag_matches(request.headers.get("If-None-Match"), tag):
+            return Response(status=304, headers=headers), newest
+        headers["Content-Length"] = str(sum(map(len, chunks)))
+        return Response(chunks, 200, mimetype=JSON, headers=headers), newest
     storage = rainer.database_storage
     flags = ("storage", include_all, utf8, b64, prefix)
     token = storage.heads_token()
@@ -328,12 +334,8 @@ def _filtered_listing(
 def _list_body(
     heads: Mapping[str, Commit], include_all: bool, utf8: bool, b64: bool, prefix: str = ""
 ) -> bytes:
-    listing = {
-        key: _meta_with_payload(heads[key], utf8, b64)
-        for key in sorted(heads)
-        if (include_all or not heads[key].empty) and key.startswith(prefix)
-    }
-    return json.dumps(listing, ensure_ascii=False).encode("utf-8")
+    # Heads read from the database are new objects on every read: nothing to keep.
+    return b"".join(ListingFragments().chunks(heads, include_all, utf8, b64, prefix, cache=False))
 
 
 def _meta_with_payload(commit: Commit, utf8: bool, b64: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from rainer_server.storage.db import check_database
 from rainer_server.storage.db import open_database
 from rainer_server.storage.db import release
 from rainer_server.web.auth import Gate
+from rainer_server.web.listing import ListingFragments
 from rainer_server.web.watch import WatchHub
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.keeper import make_kazoo_client
@@ -53,7 +54,9 @@ class RainerContext:
         # Anyone may do anything until init_app reads the settings.
         self.gate = Gate(self.settings, None)
         # Serialised lists by query flags: (heads token or mirror view, body).
-        self.list_cache: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        self.list_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        # Each mirror commit's member of a listing, serialised once per change of its key.
+        self.listing = ListingFragments()
         # Mirror-backed payload GETs: key -> (commit, its response headers).
         self.prepared_headers: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
         # A kazoo client (typed loosely: kazoo is imported under zk/ only).

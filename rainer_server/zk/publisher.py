@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from collections.abc import Set as AbstractSet
@@ -34,6 +35,7 @@ from rainer_server.commit import Commit
 from rainer_server.errors import CommitTooLarge
 from rainer_server.errors import ConcurrentCommitError
 from rainer_server.errors import KeeperError
+from rainer_server.errors import LostCompareAndSet
 from rainer_server.errors import RainerError
 from rainer_server.errors import StorageUnavailable
 from rainer_server.storage import CommitStorage
@@ -52,6 +54,8 @@ _MIRROR_WAIT = 30.0
 # With an injected ``sleep``, waits are cut into slices this long so stop and connection loss
 # are still noticed promptly.
 _SLEEP_SLICE = 0.1
+#: Keys whose heads one storage transaction locks during a batched pass.
+LOCK_BATCH_KEYS = 1000
 
 
 def default_identifier() -> str:
@@ -171,6 +175,167 @@ def publish_heads(
             on_problem(key, outcome, error)
 
 
+def publish_heads_batched(
+    keeper: CommitKeeper,
+    heads: Mapping[str, Commit],
+    counts: PublishCounts,
+    *,
+    lock_heads: Callable[[Collection[str]], AbstractContextManager[Mapping[str, Commit]]],
+    published: Mapping[str, Commit] | None = None,
+    deleted: Mapping[str, Commit] | None = None,
+    unparseable: AbstractSet[str] = frozenset(),
+    may_write: Callable[[], bool] = lambda: True,
+    on_problem: Callable[[str, str, Exception], object] | None = None,
+    on_key: Callable[[str], object] | None = None,
+    batch_keys: int = LOCK_BATCH_KEYS,
+) -> None:
+    """``publish_heads`` with the storage locked a batch of keys at a time, and the keys
+    ZooKeeper is known to lack created many per transaction (``keeper.create_many``).
+
+    The same guarantees: each key's head is read under the storage's lock and published
+    before the lock is released, so a tombstone committed during the pass waits and is
+    published after, never under, an older head; every write is conditional, so no version
+    goes back and a recorded deletion is never undone. A key is created in bulk only when
+    ``published`` lacks it, it is not ``unparseable`` and ``deleted`` records no deletion
+    of it; every other key that needs a write (and each key of a bulk transaction that
+    failed on a znode's state) goes through ``keeper.save`` as in ``publish_heads``.
+
+    :param lock_heads: the storage's ``locked_heads``.
+    :param batch_keys: keys per storage transaction: their writers wait until the batch is
+        in ZooKeeper (~0.1 s for 1000 keys).
+    Other parameters: as ``publish_heads``.
+    """
+    work: list[str] = []
+    for key, commit in heads.items():
+        if on_key is not None:
+            on_key(key)
+        known = published is not None and key not in unparseable
+        if known and _shown(published, deleted, key, commit):  # type: ignore[arg-type]
+            counts.unchanged += 1
+        else:
+            work.append(key)
+    # Key order: the order locked_heads locks rows in, so two publishers queue, not deadlock.
+    work.sort()
+    failures_in_a_row = 0
+    for start in range(0, len(work), batch_keys):
+        if not may_write():
+            counts.aborted = True
+            log.warning("Stopped publishing commits: no longer leader or connected")
+            return
+        if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+            counts.aborted = True
+            log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+            return
+        batch = work[start : start + batch_keys]
+        try:
+            with lock_heads(batch) as locked:
+                failures_in_a_row = _publish_locked(
+                    keeper,
+                    # A key without a head any more keeps the pass's (as _save does).
+                    {key: _or(locked.get(key), heads[key]) for key in batch},
+                    counts,
+                    published=published,
+                    deleted=deleted,
+                    unparseable=unparseable,
+                    may_write=may_write,
+                    on_problem=on_problem,
+                    failures_in_a_row=failures_in_a_row,
+                )
+        except StorageUnavailable as exc:
+            # The storage's own failure: nothing of the batch was written under its lock
+            # (ZooKeeper writes made before a failed COMMIT are conditional and stay right).
+            log.warning("Failed to publish %d commits: %s", len(batch), _one_line(exc))
+            counts.failed += len(batch)
+            failures_in_a_row += 1
+            if on_problem is not None:
+                for key in batch:
+                    on_problem(key, "failed", exc)
+        if counts.aborted:
+            return
+
+
+def _publish_locked(
+    keeper: CommitKeeper,
+    heads: Mapping[str, Commit],
+    counts: PublishCounts,
+    *,
+    published: Mapping[str, Commit] | None,
+    deleted: Mapping[str, Commit] | None,
+    unparseable: AbstractSet[str],
+    may_write: Callable[[], bool],
+    on_problem: Callable[[str, str, Exception], object] | None,
+    failures_in_a_row: int,
+) -> int:
+    """One locked batch of ``publish_heads_batched``; return the failures in a row after it."""
+    creates: list[Commit] = []
+    singles: dict[str, Commit] = {}
+    for key, head in heads.items():
+        if published is not None and key not in unparseable:
+            if _shown(published, deleted, key, head):
+                counts.unchanged += 1
+                continue
+            absent = key not in published and deleted is not None and key not in deleted
+            if absent and not head.empty:
+                creates.append(head)
+                continue
+        singles[key] = head
+    if creates:
+        outcome = keeper.create_many(creates, may_write=may_write)
+        # One transaction's failure is every one of its keys': logged once, not per key.
+        logged: set[int] = set()
+        for head in creates:
+            error = outcome.get(head.key)
+            if error is None:
+                counts.created += 1
+                failures_in_a_row = 0
+            elif isinstance(error, LostCompareAndSet):
+                singles[head.key] = head  # decided on fresh reads below
+            else:
+                refused = isinstance(error, CommitTooLarge)
+                if refused:
+                    log.error("Cannot publish commit %s: %s", head.key, error)
+                elif id(error) not in logged:
+                    logged.add(id(error))
+                    shared = sum(1 for other in outcome.values() if other is error)
+                    log.warning(
+                        "Failed to publish commit %s%s: %s",
+                        head.key,
+                        f" and {shared - 1} more" if shared > 1 else "",
+                        _one_line(error),
+                    )
+                outcome_name = "refused" if refused else "failed"
+                setattr(counts, outcome_name, getattr(counts, outcome_name) + 1)
+                failures_in_a_row = 0 if refused else failures_in_a_row + 1
+                if on_problem is not None:
+                    on_problem(head.key, outcome_name, error)
+        if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+            counts.aborted = True
+            log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+            return failures_in_a_row
+    if singles:
+        failed_before = counts.failed
+        # Under this batch's lock already: no lock per key.
+        publish_heads(
+            keeper, singles, counts, may_write=may_write, on_problem=on_problem
+        )
+        failures_in_a_row = failures_in_a_row + 1 if counts.failed > failed_before else 0
+    return failures_in_a_row
+
+
+def _or(head: Commit | None, fallback: Commit) -> Commit:
+    return fallback if head is None else head
+
+
+def _shown(
+    published: Mapping[str, Commit], deleted: Mapping[str, Commit] | None, key: str, commit: Commit
+) -> bool:
+    """Whether ZooKeeper is known to show ``commit`` already (what ``publish_heads`` skips)."""
+    known = published.get(key)
+    return known == commit or (
+        known is None and commit.empty and _recorded(deleted, key, commit.version)
+    )
+
+
 def _save(
     keeper: CommitKeeper,
     key: str,
@@ -270,6 +435,8 @@ class AutoPublisher:
         self._leading = False
         self._thread: threading.Thread | None = None
         self._pass_lock = threading.Lock()
+        #: Keys whose heads one storage transaction locks in a pass (storages that can).
+        self.lock_batch_keys = LOCK_BATCH_KEYS
         #: Completed passes (leader passes and ``publish_all`` calls alike).
         self.passes = 0
         #: The counts of the last pass, or ``None`` before the first.
@@ -371,16 +538,31 @@ class AutoPublisher:
                 heads = self.storage.heads()
                 mirror = self._get_mirror(fence)
                 deletions = self._get_deletions(fence)
-                publish_heads(
-                    self.keeper,
-                    heads,
-                    counts,
-                    published=mirror.current if mirror is not None else None,
-                    deleted=deletions.current if deletions is not None else None,
-                    unparseable=mirror.unparseable if mirror is not None else frozenset(),
-                    may_write=fence,
-                    lock_head=getattr(self.storage, "locked_head", None),
-                )
+                known = {
+                    "published": mirror.current if mirror is not None else None,
+                    "deleted": deletions.current if deletions is not None else None,
+                    "unparseable": mirror.unparseable if mirror is not None else frozenset(),
+                }
+                lock_heads = getattr(self.storage, "locked_heads", None)
+                if lock_heads is not None:
+                    publish_heads_batched(
+                        self.keeper,
+                        heads,
+                        counts,
+                        lock_heads=lock_heads,
+                        may_write=fence,
+                        batch_keys=self.lock_batch_keys,
+                        **known,
+                    )
+                else:
+                    publish_heads(
+                        self.keeper,
+                        heads,
+                        counts,
+                        may_write=fence,
+                        lock_head=getattr(self.storage, "locked_head", None),
+                        **known,
+                    )
             except Exception as exc:
                 # E.g. the database is down: an aborted pass, which listeners (metrics) see too.
                 counts.aborted = True
@@ -413,6 +595,43 @@ class AutoPublisher:
             " (aborted)" if counts.aborted else "",
         )
         return counts
+
+    def drift(self, may_write: Callable[[], bool] | None = None) -> int:
+        """How many heads of the storage ZooKeeper does not show, by the mirrors (what a pass
+        would write or refuse); every head when a mirror cannot be had. No writes.
+
+        :param may_write: the mirrors are waited for while this holds; defaults to "the client
+            is connected".
+        """
+        fence = may_write or (lambda: self.client.connected)
+        if not self._storage_started:
+            self.storage.start()
+            self._storage_started = True
+        heads = self.storage.heads()
+        mirror = self._get_mirror(fence)
+        deletions = self._get_deletions(fence)
+        if mirror is None or deletions is None:
+            return len(heads)
+        published, deleted, unparseable = mirror.current, deletions.current, mirror.unparseable
+        return sum(
+            1
+            for key, commit in heads.items()
+            if key in unparseable or not _shown(published, deleted, key, commit)
+        )
+
+    def _drifted(self, term: int) -> bool:
+        """Whether a new leader should publish at once rather than after a period."""
+        try:
+            differing = self.drift(lambda: self._may_lead(term))
+        except Exception as exc:
+            # The pass will meet the same failure and report it; better tried now than later.
+            log.warning("Cannot compare ZooKeeper with the storage: %s", _one_line(exc))
+            return True
+        if differing:
+            log.info(
+                "ZooKeeper differs from the storage in %d keys: publishing now", differing
+            )
+        return differing > 0
 
     def _get_mirror(self, fence: Callable[[], bool]) -> CommitMirror | None:
         """The mirror to compare against, or ``None`` to read each znode instead.
@@ -500,7 +719,10 @@ class AutoPublisher:
         self._leading = True
         self._notify(self.leader_listeners, True)
         try:
-            first = not self.delay or self._repair_after_outage()
+            # Leading a fresh cluster, one whose ZooKeeper was emptied or fell behind, or one
+            # back from an outage: a whole period of stale or missing znodes is what the delay
+            # would cost.
+            first = not self.delay or self._repair_after_outage() or self._drifted(term)
             while True:
                 if not first and self._wait(self.next_interval(), term):
                     break
@@ -591,4 +813,10 @@ class AutoPublisher:
         return True
 
 
-__all__ = ["AutoPublisher", "PublishCounts", "default_identifier", "publish_heads"]
+__all__ = [
+    "AutoPublisher",
+    "PublishCounts",
+    "default_identifier",
+    "publish_heads",
+    "publish_heads_batched",
+]

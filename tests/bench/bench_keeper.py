@@ -10,10 +10,12 @@ One run, against floors measured in the same run:
    JSON version each, the payloads of floors.py) through ``DbCommitStorage``'s own model;
 1. publisher (``AutoPublisher.publish_all()`` built by ``CommitKeeper(...).auto_publisher(
    storage, mirror=...)`` with a mirror on the same kazoo client, as gunicorn workers do):
-   (a) one pass into an empty ZooKeeper (10k creates), (b) a second, unchanged pass (target:
-   no writes, well under a second). Floor for (a): bare kazoo ``create`` of 10k znodes, one
-   after the other, no watchers. Extra rows: ``keeper.save`` x 10k with no mirror anywhere,
-   10k pipelined creates, the mirror's catch-up after (a) and how often it re-listed
+   (a) one pass into an empty ZooKeeper (10k creates; target <= 1.5x its floor: bare kazoo
+   ``create_async`` of the same 10k znodes, at most 1000 unanswered, no watchers), (b) a
+   second, unchanged pass (target: no writes, well under a second); then a mirror's start-up
+   over the 10k znodes (target <= 1.2x its floor: ``get_async`` of each child, at most 1000
+   unanswered; median of 3 paired rounds). Extra rows: ``keeper.save`` x 10k with no mirror
+   anywhere, sequential creates, the mirror's catch-up after (a) and how often it re-listed
    ``data/`` during (a), ``storage.heads()``, ``keeper.heads()``;
 2. starts gunicorn three times with the same config file and worker count
    (``-c config/gunicorn.conf.py --workers 2``): Rainer with ZooKeeper configured (base path
@@ -43,6 +45,7 @@ Exit status: 0 all targets met, 1 a target missed, 2 the benchmark itself is inv
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -179,6 +182,18 @@ def counted_mirror(mirror, timeout: float = 60.0):
     return mirror
 
 
+def pipelined(call, arguments, in_flight: int = 1000) -> None:
+    """``call(*args)`` (a kazoo ``*_async``) for each of ``arguments``, at most ``in_flight``
+    unanswered."""
+    pending: collections.deque = collections.deque()
+    for args in arguments:
+        pending.append(call(*args))
+        if len(pending) >= in_flight:
+            pending.popleft().get(timeout=60)
+    while pending:
+        pending.popleft().get(timeout=60)
+
+
 def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dict:
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
@@ -205,16 +220,14 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
     out["raw_create_s"] = time.perf_counter() - started
     log(f"floor: bare kazoo create x {NKEYS} (sequential): {out['raw_create_s']:.2f} s")
 
+    # Floor of the first publish (issue 13): pipelined creates, at most 1000 unanswered.
+    client.ensure_path("/bench-pipe/data")
+    started = time.perf_counter()
+    pipelined(client.create_async, ((f"/bench-pipe/data/{c.key}", c.serialize()) for c in commits))
+    out["pipelined_create_s"] = time.perf_counter() - started
+    log(f"floor: bare kazoo create_async x {NKEYS} (1000 in flight): "
+        f"{out['pipelined_create_s']:.2f} s")
     if extras:
-        client.ensure_path("/bench-pipe/data")
-        started = time.perf_counter()
-        pending = [client.create_async(f"/bench-pipe/data/{c.key}", c.serialize())
-                   for c in commits]
-        for result in pending:
-            result.get(timeout=30)
-        out["pipelined_create_s"] = time.perf_counter() - started
-        log(f"extra: bare kazoo create_async x {NKEYS} (pipelined): "
-            f"{out['pipelined_create_s']:.2f} s")
         nomirror = CommitKeeper(client, "/bench-nomirror")
         client.ensure_path("/bench-nomirror/data")
         started = time.perf_counter()
@@ -264,6 +277,27 @@ def bench_publisher(hosts: str, db_url: str, clients: list, extras: bool) -> dic
         finally:
             publisher.close()  # and the mirror of deleted/ it opened
             mirror.close()
+        # Mirror start-up (issue 13), paired rounds: bare pipelined reads of every child on a
+        # fresh client (the floor), then a mirror opened on another fresh client.
+        floors, opens = [], []
+        for _ in range(3):
+            fresh = kazoo_client(hosts, clients)
+            started = time.perf_counter()
+            children = fresh.get_children(keeper.data_path)
+            pipelined(fresh.get_async, ((f"{keeper.data_path}/{k}",) for k in children))
+            floors.append(time.perf_counter() - started)
+            fresh = kazoo_client(hosts, clients)
+            started = time.perf_counter()
+            opened = CommitKeeper(fresh, BASE_PATH).mirror(timeout=120)
+            opens.append(time.perf_counter() - started)
+            assert len(opened.current) == NKEYS
+            opened.close()
+        out["pipelined_reads_s"] = statistics.median(floors)
+        out["mirror_start_s"] = statistics.median(opens)
+        out["mirror_start_ratio"] = statistics.median(o / f for o, f in zip(opens, floors))
+        log(f"mirror start-up over {NKEYS} znodes {out['mirror_start_s']:.2f} s, bare pipelined "
+            f"reads {out['pipelined_reads_s']:.2f} s: {out['mirror_start_ratio']:.2f}x "
+            "(median of 3 paired rounds)")
         started = time.perf_counter()
         heads_zk = keeper.heads()
         out["keeper_heads_s"] = time.perf_counter() - started
@@ -560,11 +594,17 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
         a = pub["pass_a"]
         ok_a = (a["created"] == NKEYS and not a["failed"] and not a["refused"]
                 and not a["aborted"] and not pub["problems"])
-        row("publish pass (a): 10k keys, empty ZK", pub["pass_a_s"], "s", pub["raw_create_s"],
-            pub["pass_a_s"] / pub["raw_create_s"], f"{NKEYS} created, 0 failed",
-            "PASS" if ok_a else "FAIL",
+        ratio_a = pub["pass_a_s"] / pub["pipelined_create_s"]
+        row("publish pass (a): 10k keys, empty ZK", pub["pass_a_s"], "s",
+            pub["pipelined_create_s"], ratio_a, f"<= 1.50x, {NKEYS} created",
+            "PASS" if ok_a and ratio_a <= 1.5 else "FAIL",
             note=f"created {a['created']} updated {a['updated']} failed {a['failed']} "
-                 "(floor: sequential bare create)")
+                 f"(floor: create_async, 1000 in flight; sequential create "
+                 f"{pub['raw_create_s']:.2f} s)")
+        ratio_m = pub["mirror_start_ratio"]
+        row("mirror start-up over 10k znodes", pub["mirror_start_s"], "s",
+            pub["pipelined_reads_s"], ratio_m, "<= 1.20x", "PASS" if ratio_m <= 1.2 else "FAIL",
+            note="floor: get_async of each child, 1000 in flight; median of 3 paired rounds")
         b = pub["pass_b"]
         written = b["created"] + b["updated"] + b["deleted"]
         ok_b = (written == 0 and b["unchanged"] == NKEYS and not b["failed"]
@@ -580,13 +620,12 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
         if "save_nomirror_s" in pub:
             row("  keeper.save x 10k, no mirror", pub["save_nomirror_s"], "s",
                 pub["raw_create_s"], pub["save_nomirror_s"] / pub["raw_create_s"])
-        if "pipelined_create_s" in pub:
-            row("  bare create_async x 10k, pipelined", pub["pipelined_create_s"], "s")
     if lat:
         fl = pub.get("keeper_heads_s")
         row("  mirror open over 10k znodes (observer)", lat["mirror_open_s"], "s", fl,
             lat["mirror_open_s"] / fl if fl else None,
-            note="floor: keeper.heads(), the same 10k reads pipelined")
+            note="floor: keeper.heads(), the same 10k reads pipelined (an observer process, "
+                 "under the gunicorns' load)")
     if "workers_cached_s" in extra:
         row("  gunicorn start -> every worker mirror-backed", extra["workers_cached_s"], "s",
             note="reads fall back to the database until then")

@@ -20,13 +20,27 @@ For each scenario ``KEYSxVERSIONS`` it:
    serialise) and then warm (median of 5: cached body), plus the response size;
 6. drops the table and the chroot.
 
-It prints one table and, with ``--json``, writes the figures. Bounded: every wait has a
-deadline; it stops what it started on exit.
+Issue 13's targets, each against a floor measured in the same run, in ``--rounds`` paired
+rounds (floor, then the figure; the verdict is on the median of the per-round ratios):
+
+* first publisher pass <= 1.5x the floor: ``create_async`` of every key's znode (same
+  payloads), at most 1000 unanswered, into an empty path;
+* mirror start-up <= 1.2x the floor: ``get_async`` of every child of ``data/``, at most 1000
+  unanswered, on a fresh client;
+* cold ``GET /diary`` from the mirror grows linearly: the largest scenario's costs at most
+  1.2x its share of keys over the smallest's (100k vs 10k keys: <= 12x). Also "after one
+  change" (a POST, then the first listing that shows it), where only that key's JSON is
+  made again.
+
+It prints one table with PASS/FAIL per target and, with ``--json``, writes the figures. Exit
+status 1 when a target fails. Bounded: every wait has a deadline; it stops what it started
+on exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -126,7 +140,93 @@ def http_time(url: str) -> tuple[float, int]:
     return time.perf_counter() - started, len(body)
 
 
-def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dict:
+def pipelined(call, arguments, in_flight: int = 1000) -> None:
+    """``call(*args)`` for each of ``arguments`` (kazoo ``*_async``), at most ``in_flight``
+    unanswered: the floor of any pipelined pass over the same znodes."""
+    pending: collections.deque = collections.deque()
+    for args in arguments:
+        pending.append(call(*args))
+        if len(pending) >= in_flight:
+            pending.popleft().get(timeout=60)
+    while pending:
+        pending.popleft().get(timeout=60)
+
+
+def drop(client, path: str, levels: int = 0) -> None:
+    """Delete ``path``, whose znodes ``levels`` deep have children, and everything below;
+    each level's leaves pipelined (kazoo's recursive delete is one round trip per znode:
+    minutes for 100k)."""
+    children = client.get_children(path)
+    if levels:
+        for child in children:
+            drop(client, f"{path}/{child}", levels - 1)
+    else:
+        pipelined(client.delete_async, ((f"{path}/{child}",) for child in children))
+    client.delete(path)
+
+
+def listing_figures(figures: dict, mysql_url: str, table: str, hosts: str, heads: dict) -> dict:
+    """``--listing-only``: one gunicorn worker on the table and chroot; cold, warm and
+    after-a-change listings from its mirror."""
+    with tempfile.TemporaryDirectory() as logs:
+        server = Gunicorn(
+            {
+                "RAINER_DATABASE_URL": mysql_url,
+                "RAINER_TABLE": table,
+                "RAINER_ZK_HOSTS": hosts,
+                "RAINER_PUBLISH_PERIOD": "3600",
+                "RAINER_TEST_LOG_DIR": logs,
+            },
+            workers=1,
+        )
+        try:
+            server.wait_ready(300)
+            root = server.url.rsplit("/diary", 1)[0]
+
+            def mirror_ready() -> bool:
+                try:
+                    return urllib.request.urlopen(root + "/readyz", timeout=5).status == 200
+                except OSError:
+                    return False
+
+            wait(mirror_ready, 600, "gunicorn worker's mirror")
+            url = server.url + "/"
+            figures["list_mirror_cold_s"], figures["list_mirror_bytes"] = http_time(url)
+            figures["list_mirror_warm_s"] = median_time(lambda: http_time(url))
+            figures["list_mirror_changed_s"] = listing_after_changes(server.url, heads, 3)
+        finally:
+            server.stop()
+    return figures
+
+
+def listing_after_changes(base_url: str, heads: dict, rounds: int) -> float:
+    """Median seconds of the first mirror listing that shows a new version of one key."""
+    times = []
+    key = min(heads)
+    version = heads[key].version
+    for _ in range(rounds):
+        version += 1
+        request = urllib.request.Request(
+            f"{base_url}/{key}/{version}", data=b'{"changed": %d}' % version, method="POST",
+            headers={"X-Rainer-Author": "bench", "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=30).read()
+
+        def served() -> bool:
+            with urllib.request.urlopen(f"{base_url}/{key}", timeout=30) as response:
+                return (response.headers.get("X-Rainer-Cached") == "Yes"
+                        and response.headers.get("X-Rainer-Version") == str(version))
+
+        wait(served, 60, "the mirror to serve the change")
+        took, _ = http_time(base_url + "/")
+        times.append(took)
+    return statistics.median(times)
+
+
+def run_scenario(
+    mysql_url: str, zk_hosts: str, keys: int, versions: int, rounds: int = 3,
+    listing_only: bool = False,
+) -> dict:
     figures: dict = {"scenario": f"{keys}x{versions}", "keys": keys, "versions": versions}
     table = "t_scale_" + uuid.uuid4().hex[:8]
     storage = DbCommitStorage(open_database(mysql_url), table)
@@ -142,21 +242,69 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dic
         figures["heads_s"] = median_time(storage.heads)
         figures["heads_token_s"] = median_time(storage.heads_token)
 
-        # Publisher: first pass into an empty ZooKeeper, then an unchanged one.
+        # Publisher: first pass into an empty ZooKeeper, then an unchanged one; each round
+        # after its floor (bare pipelined creates of the same znodes into an empty path).
         client = make_kazoo_client(zk_hosts + chroot, 30)
         client.start(timeout=15)
         clients.append(client)
-        keeper = CommitKeeper(client, "/rainer", timeout=30)
-        publisher = AutoPublisher(client, keeper, storage, period=3600)
-        counts = publisher.publish_all()
-        assert counts.created == keys, counts
-        figures["pass_first_s"] = counts.duration
+        heads = storage.heads()
+        serialized = [(key, commit.serialize()) for key, commit in heads.items()]
+        floors, passes = [], []
+        if listing_only:
+            rounds = 0
+            counts = AutoPublisher(client, CommitKeeper(client, "/rainer", timeout=30), storage,
+                                   period=3600).publish_all()
+            assert counts.created == keys and not counts.failed, counts
+        for round_ in range(rounds):
+            client.ensure_path(f"/floor-{round_}")
+            started = time.perf_counter()
+            pipelined(client.create_async, ((f"/floor-{round_}/{k}", data) for k, data in serialized))
+            floors.append(time.perf_counter() - started)
+            base = "/rainer" if round_ == rounds - 1 else f"/pass-{round_}"
+            keeper = CommitKeeper(client, base, timeout=30)
+            publisher = AutoPublisher(client, keeper, storage, period=3600)
+            counts = publisher.publish_all()
+            assert counts.created == keys and not counts.failed, counts
+            passes.append(counts.duration)
+            if base != "/rainer":
+                publisher.close()
+                drop(client, f"/floor-{round_}")
+                drop(client, base, 1)
+        if listing_only:
+            return listing_figures(figures, mysql_url, table, zk_hosts + chroot, heads)
+        figures["floor_creates_s"] = statistics.median(floors)
+        figures["pass_first_s"] = statistics.median(passes)
+        figures["pass_first_ratio"] = statistics.median(p / f for p, f in zip(passes, floors))
         mirror = publisher._get_mirror(lambda: True)  # the publisher's own mirror
         wait(lambda: mirror is not None and len(mirror.current) == keys, 600, "publisher mirror")
         counts = publisher.publish_all()
         assert counts.unchanged == keys and counts.written == 0, counts
         figures["pass_unchanged_s"] = counts.duration
         publisher.close()
+        drop(client, f"/floor-{rounds - 1}")
+
+        # Mirror start-up, each round after its floor (bare pipelined reads of every child).
+        floors, opens = [], []
+        for _ in range(rounds):
+            fclient = make_kazoo_client(zk_hosts + chroot, 30)
+            fclient.start(timeout=15)
+            started = time.perf_counter()
+            children = fclient.get_children("/rainer/data")
+            pipelined(fclient.get_async, ((f"/rainer/data/{k}",) for k in children))
+            floors.append(time.perf_counter() - started)
+            fclient.stop()
+            fclient.close()
+            oclient = make_kazoo_client(zk_hosts + chroot, 30)
+            oclient.start(timeout=15)
+            started = time.perf_counter()
+            opened = CommitKeeper(oclient, "/rainer", timeout=30).mirror(timeout=600)
+            opens.append(time.perf_counter() - started)
+            assert len(opened.current) == keys
+            opened.close()
+            oclient.stop()
+            oclient.close()
+        figures["floor_reads_s"] = statistics.median(floors)
+        figures["mirror_start_ratio"] = statistics.median(o / f for o, f in zip(opens, floors))
 
         # A fresh mirror: start-up time and RSS it adds (its own client, like a worker's).
         gc.collect()
@@ -166,7 +314,8 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dic
         clients.append(mclient)
         started = time.perf_counter()
         view = CommitKeeper(mclient, "/rainer", timeout=30).mirror(timeout=600)
-        figures["mirror_start_s"] = time.perf_counter() - started
+        figures["mirror_start_s"] = statistics.median(opens)
+        figures["mirror_start_rss_s"] = time.perf_counter() - started
         assert len(view.current) == keys
         gc.collect()
         figures["mirror_rss_mb"] = (rss_bytes() - before) / 2**20
@@ -207,6 +356,7 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dic
                 for name, url in (("list_mirror", server.url + "/"), ("list_db", server.url + "/?all=yes")):
                     figures[f"{name}_cold_s"], figures[f"{name}_bytes"] = http_time(url)
                     figures[f"{name}_warm_s"] = median_time(lambda: http_time(url))
+                figures["list_mirror_changed_s"] = listing_after_changes(server.url, heads, rounds)
             finally:
                 server.stop()
     finally:
@@ -226,16 +376,21 @@ def run_scenario(mysql_url: str, zk_hosts: str, keys: int, versions: int) -> dic
 
 ROWS = [
     ("load (bulk insert)", "load_s", "s"),
+    ("floor: create_async x keys, 1000 in flight", "floor_creates_s", "s"),
     ("storage.heads()", "heads_s", "s"),
     ("heads_token()", "heads_token_s", "s"),
     ("publisher pass, first (every key created)", "pass_first_s", "s"),
+    ("  ratio to the floor (target <= 1.5x)", "pass_first_ratio", "x"),
     ("publisher pass, unchanged (no writes)", "pass_unchanged_s", "s"),
+    ("floor: get_async of each child, 1000 in flight", "floor_reads_s", "s"),
     ("mirror start-up until complete", "mirror_start_s", "s"),
+    ("  ratio to the floor (target <= 1.2x)", "mirror_start_ratio", "x"),
     ("mirror memory (RSS added)", "mirror_rss_mb", "MiB"),
     ("mirror Python allocations", "mirror_traced_mb", "MiB"),
     ("gunicorn worker ready (/readyz 200)", "worker_ready_s", "s"),
     ("GET /diary, mirror: first after a change", "list_mirror_cold_s", "s"),
     ("GET /diary, mirror: cached", "list_mirror_warm_s", "s"),
+    ("GET /diary, mirror: first after one change", "list_mirror_changed_s", "s"),
     ("GET /diary?all=yes, MySQL: first after change", "list_db_cold_s", "s"),
     ("GET /diary?all=yes, MySQL: cached", "list_db_warm_s", "s"),
     ("listing size", "list_mirror_bytes", "bytes"),
@@ -254,6 +409,8 @@ def print_table(results: list[dict]) -> None:
                 cells.append(f"{'-':>16}")
             elif unit == "s":
                 cells.append(f"{value * 1000:>13.1f} ms" if value < 10 else f"{value:>14.1f} s")
+            elif unit == "x":
+                cells.append(f"{value:>15.2f}x")
             elif unit == "MiB":
                 cells.append(f"{value:>12.1f} MiB")
             else:
@@ -265,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", action="append", help="KEYSxVERSIONS (default: 10000x50, 100000x5)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--listing-only", action="store_true",
+                        help="only what the listing target needs (one pass, one worker)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="paired floor/figure rounds for the publish and mirror ratios")
     args = parser.parse_args(argv)
     mysql_url = os.environ.get("RAINER_TEST_MYSQL_URL")
     if not mysql_url:
@@ -273,7 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     zk_hosts = os.environ.get("RAINER_TEST_ZK_HOSTS")
     zk_dir = tempfile.TemporaryDirectory(prefix="rainer-scale-zk-")
     if not zk_hosts:
+        from tests import zkserver
         from tests.zkserver import ZooKeeperServer
+
+        # The tests' 256 MiB heap is not enough for 100k znodes, their watches and listings
+        # of 100k names (the server died of OutOfMemoryError serialising one).
+        zkserver.JVM_OPTS = tuple(
+            "-Xmx1g" if option.startswith("-Xmx") else option for option in zkserver.JVM_OPTS
+        )
 
         zk_server = ZooKeeperServer(zk_dir.name)
         zk_server.start()
@@ -283,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in args.scenario or ["10000x50", "100000x5"]:
             keys, versions = (int(n) for n in scenario.lower().split("x"))
             print(f"[bench_scale] {keys} keys x {versions} versions ...", file=sys.stderr, flush=True)
-            results.append(run_scenario(mysql_url, zk_hosts, keys, versions))
+            results.append(run_scenario(mysql_url, zk_hosts, keys, versions, args.rounds,
+                                        args.listing_only))
             # As each scenario ends: a long run that fails later keeps what it measured.
             print(f"[bench_scale] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
             if args.json:
@@ -293,7 +462,35 @@ def main(argv: list[str] | None = None) -> int:
             zk_server.stop()
         zk_dir.cleanup()
     print_table(results)
-    return 0
+    verdicts = check_targets(results)
+    for line in verdicts:
+        print(line)
+    return 1 if any(line.startswith("FAIL") for line in verdicts) else 0
+
+
+def check_targets(results: list[dict]) -> list[str]:
+    """One PASS/FAIL line per target of issue 13 (ratios measured in this run)."""
+    lines = []
+    for r in results:
+        for name, label, limit in (
+            ("pass_first_ratio", "first publish / pipelined creates", 1.5),
+            ("mirror_start_ratio", "mirror start-up / pipelined reads", 1.2),
+        ):
+            value = r.get(name)
+            if value is not None:
+                verdict = "PASS" if value <= limit else "FAIL"
+                lines.append(f"{verdict} {r['scenario']}: {label} {value:.2f}x (target <= {limit}x)")
+    if len(results) >= 2:
+        small, large = min(results, key=lambda r: r["keys"]), max(results, key=lambda r: r["keys"])
+        limit = 1.2 * large["keys"] / small["keys"]
+        for name, label in (("list_mirror_cold_s", "cold"), ("list_mirror_changed_s", "after one change")):
+            ratio = large[name] / small[name]
+            verdict = "PASS" if ratio <= limit else "FAIL"
+            lines.append(
+                f"{verdict} GET /diary from the mirror, {label}: {large['keys']} keys cost "
+                f"{ratio:.1f}x {small['keys']} keys (target <= {limit:.0f}x)"
+            )
+    return lines
 
 
 if __name__ == "__main__":

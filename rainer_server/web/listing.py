@@ -1,0 +1,109 @@
+"""The JSON of ``GET /diary``: built from one fragment per commit, kept while the commit is.
+
+A mirror hands out the same ``Commit`` object until its key changes, so a fragment cached
+against that object is serialised once per change of its key, and serves every flag
+combination (the payload fields are spliced in). A listing is then a sort and a join, and
+after one change one fragment is rebuilt, not the whole listing.
+
+Fragments are formatted directly rather than through ``json.dumps`` of a dict per commit:
+the same JSON at a third of the cost, and without allocating 100k dicts, whose garbage
+collection made a listing of 100k keys cost 20x one of 10k.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from collections.abc import Mapping
+from json.encoder import encode_basestring
+
+from rainer_server.commit import Commit
+from rainer_server.commit import format_mtime
+
+#: Fragments per chunk of a streamed listing: big enough that the join and the write
+#: dominate, small enough that the first bytes leave early.
+CHUNK_KEYS = 2000
+
+
+def fragment(commit: Commit) -> bytes:
+    """``"<key>":{<meta>}``: one member of the listing object, without payload fields."""
+    key = encode_basestring(commit.key)
+    return (
+        f'{key}:{{"key":{key},"version":{commit.version:d},'
+        f'"author":{encode_basestring(commit.author)},'
+        f'"comment":{encode_basestring(commit.comment)},'
+        f'"mtime":"{format_mtime(commit.mtime)}","empty":{"true" if commit.empty else "false"}}}'
+    ).encode("utf-8")
+
+
+def with_payload(member: bytes, commit: Commit, utf8: bool, b64: bool) -> bytes:
+    """``member`` with the payload fields ``?payload_utf8``/``?payload_base64`` ask for."""
+    if commit.payload is None or not (utf8 or b64):
+        return member
+    extra = []
+    if utf8:
+        text = encode_basestring(commit.payload.decode("utf-8", "replace"))
+        extra.append(f'"payload_utf8":{text}')
+    if b64:
+        extra.append(f'"payload_base64":"{base64.b64encode(commit.payload).decode("ascii")}"')
+    return member[:-1] + ("," + ",".join(extra) + "}").encode("utf-8")
+
+
+class ListingFragments:
+    """Per-process cache key -> fragment, valid while the key's commit is the same object.
+
+    Two dicts rather than one of (commit, fragment) pairs: a tuple per key is an object the
+    garbage collector tracks, and 100k of them made each collection during a listing cost
+    more, so that a listing of 100k keys cost 15-20x one of 10k.
+    """
+
+    def __init__(self) -> None:
+        self._commits: dict[str, Commit] = {}
+        self._fragments: dict[str, bytes] = {}
+
+    def member(self, commit: Commit) -> bytes:
+        key = commit.key
+        if self._commits.get(key) is not commit:
+            self._fragments[key] = fragment(commit)
+            self._commits[key] = commit
+        return self._fragments[key]
+
+    def chunks(
+        self,
+        heads: Mapping[str, Commit],
+        include_all: bool,
+        utf8: bool,
+        b64: bool,
+        prefix: str = "",
+        cache: bool = True,
+    ) -> Iterator[bytes]:
+        """The listing's JSON object in chunks of ``CHUNK_KEYS`` members, keys in order.
+
+        :param cache: keep the fragments (``heads`` is a mirror's view, whose commits stay
+            the same objects); ``False`` for heads read afresh from a database.
+        """
+        if cache and len(self._fragments) > 2 * len(heads) + 100:
+            self._fragments.clear()  # mostly keys deleted since: rebuilt on demand
+            self._commits.clear()
+        member = self.member if cache else fragment
+        keys = sorted(key for key in heads if key.startswith(prefix)) if prefix else sorted(heads)
+        payloads = utf8 or b64
+        opening = b"{"
+        for start in range(0, len(keys), CHUNK_KEYS):
+            members = []
+            for key in keys[start : start + CHUNK_KEYS]:
+                commit = heads[key]
+                if include_all or not commit.empty:
+                    text = member(commit)
+                    members.append(with_payload(text, commit, utf8, b64) if payloads else text)
+            if members:
+                yield opening + b",".join(members)
+                opening = b","
+        yield b"{}" if opening == b"{" else b"}"
+
+
+def body(chunks: Iterator[bytes]) -> bytes:
+    return b"".join(chunks)
+
+
+__all__ = ["ListingFragments", "fragment", "with_payload"]

@@ -1,0 +1,91 @@
+"""The listing's JSON (web/listing.py): one fragment per commit, the same JSON as the meta
+mappings ``json.dumps`` made, streamed in chunks, and rebuilt only for commits that changed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from datetime import timezone
+
+import pytest
+
+from rainer_server.commit import Commit
+from rainer_server.web import listing
+from rainer_server.web.listing import ListingFragments
+
+MTIME = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
+
+
+def make_commit(key: str, version: int = 1, payload: bytes | None = b'{"s":1}', **kw) -> Commit:
+    return Commit(key, version, payload, kw.get("author", "nobody"), kw.get("comment", ""), MTIME)
+
+
+def expected(heads, include_all, utf8, b64, prefix=""):
+    listing_ = {}
+    for key in sorted(heads):
+        commit = heads[key]
+        if not key.startswith(prefix) or not (include_all or not commit.empty):
+            continue
+        meta = commit.meta
+        if commit.payload is not None:
+            if utf8:
+                meta["payload_utf8"] = commit.payload.decode("utf-8", "replace")
+            if b64:
+                meta["payload_base64"] = base64.b64encode(commit.payload).decode("ascii")
+        listing_[key] = meta
+    return listing_
+
+
+HEADS = {
+    c.key: c
+    for c in [
+        make_commit("plain"),
+        make_commit("é-ünïcode-ключ", 3, "ü\"\\\n\t\x01".encode(), author='a "quoted" \\ author',
+                    comment="line\nbreak \u2028 \x7f"),
+        make_commit("gone", 2, None),
+        make_commit("bytes", 1, b"\xff\x00\xfe"),
+        make_commit("pre.one"),
+        make_commit("pre.two", 4, b"[]"),
+    ]
+}
+
+
+@pytest.mark.parametrize("include_all", [False, True])
+@pytest.mark.parametrize("utf8", [False, True])
+@pytest.mark.parametrize("b64", [False, True])
+@pytest.mark.parametrize("prefix", ["", "pre.", "nothing"])
+def test_the_listing_is_the_json_of_the_meta_mappings(include_all, utf8, b64, prefix):
+    fragments = ListingFragments()
+    for cache in (True, False):
+        body = b"".join(fragments.chunks(HEADS, include_all, utf8, b64, prefix, cache=cache))
+        assert json.loads(body) == expected(HEADS, include_all, utf8, b64, prefix)
+        # Keys in order, as before.
+        assert list(json.loads(body)) == sorted(json.loads(body))
+
+
+def test_a_big_listing_streams_in_chunks(monkeypatch):
+    monkeypatch.setattr(listing, "CHUNK_KEYS", 10)
+    heads = {f"k{i:03d}": make_commit(f"k{i:03d}") for i in range(95)}
+    chunks = list(ListingFragments().chunks(heads, False, False, False))
+    assert len(chunks) == 11  # 10 chunks of members and the closing brace
+    assert json.loads(b"".join(chunks)) == expected(heads, False, False, False)
+    assert list(ListingFragments().chunks({}, False, False, False)) == [b"{}"]
+
+
+def test_only_a_changed_commit_is_serialised_again(monkeypatch):
+    fragments = ListingFragments()
+    heads = {f"k{i}": make_commit(f"k{i}") for i in range(5)}
+    b"".join(fragments.chunks(heads, False, False, False))
+    made: list[str] = []
+    real = listing.fragment
+
+    def counting(commit):
+        made.append(commit.key)
+        return real(commit)
+
+    monkeypatch.setattr(listing, "fragment", counting)
+    heads = {**heads, "k2": make_commit("k2", 2)}
+    body = b"".join(fragments.chunks(heads, False, True, True))
+    assert made == ["k2"]  # and the payload flags reuse the cached members
+    assert json.loads(body) == expected(heads, False, True, True)
