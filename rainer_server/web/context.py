@@ -184,6 +184,9 @@ class RainerContext:
                 period=settings.publish_period,
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
+                # A POST answers once the database has the commit: ZooKeeper is a cache of
+                # it, published by this process's queue (or repaired by the publisher).
+                background_publish=True,
             )
             # Before the publisher starts, so that no leadership change is missed.
             rainers.report_to(metrics.metrics().zookeeper, mirror)
@@ -241,6 +244,7 @@ class RainerContext:
             rainers, mirror, client = self.rainers, self.mirror, self.zk_client
             self.rainers = self.mirror = self.zk_client = None
             if rainers is not None:
+                rainers.close_publishing()  # while the client is still connected
                 rainers.auto_publisher.close()
             if mirror is not None:
                 mirror.close()

@@ -237,7 +237,7 @@ class CommitKeeper:
 
     # ------------------------------------------------------------------ writes
 
-    def save(self, commit: Commit) -> SaveResult:
+    def save(self, commit: Commit, known: tuple[Commit, int] | None = None) -> SaveResult:
         """Publish ``commit`` to its znode according to spec §5's table, keeping deletes.
 
         Never rolls a key back: a commit whose version is not above the znode's (and which is
@@ -247,7 +247,14 @@ class CommitKeeper:
         ``UNCHANGED``: ``data/`` did not change).
 
         One round trip to read (the znode and its deletion record, pipelined), one to write.
+        With ``known``, an update is one round trip: a compare-and-set on that stat version.
 
+        :param known: ``(commit, stat version)`` of the znode as a mirror last read it
+            (``CommitMirror.znode_version``). When ``commit`` is a newer non-empty version of
+            that commit, it is written with that stat version as the expectation; if the
+            mirror was behind (the znode changed, or was deleted), the write fails and
+            ``save`` decides on fresh reads as without ``known``. A znode that exists is not
+            deleted, so ``deleted/<key>`` needs no check.
         :raises ConcurrentCommitError: on a refused rollback, and as ``LostCompareAndSet`` on
             a lost compare-and-set (trying again decides anew).
         :raises KeeperError: when ZooKeeper cannot be reached in time, or the commit is too big.
@@ -256,6 +263,27 @@ class CommitKeeper:
         key = commit.key
         path = self.znode(key)
         deadline = self._start()
+        if known is not None:
+            existing, znode_version = known
+            if not commit.empty and existing.key == key and commit.version > existing.version:
+                try:
+                    self._write(
+                        self.client.set_async(path, self._serialize(commit), version=znode_version),
+                        deadline,
+                        commit,
+                        existing,
+                    )
+                except LostCompareAndSet:
+                    log.debug("Mirror behind on %s: reading the znode to publish it", key)
+                else:
+                    log.debug(
+                        "Updated commit %s (from version[%s] to version[%s] znode[%s])",
+                        key,
+                        existing.version,
+                        commit.version,
+                        path,
+                    )
+                    return SaveResult.UPDATED
         record = _Record(self, key, self.client.get_async(self.deleted_znode(key)))
         data, stat = self._read_znode(path, deadline)
         record.wait(deadline)
@@ -297,7 +325,9 @@ class CommitKeeper:
             return SaveResult.UNCHANGED
         if commit.version > existing.version:
             payload = self._serialize(commit)
-            log.info(
+            # DEBUG, as every per-commit line: the commit itself is logged once, where it is
+            # saved.
+            log.debug(
                 "Updating commit %s (from version[%s] to version[%s] znode[%s])",
                 key,
                 existing.version,
@@ -357,7 +387,7 @@ class CommitKeeper:
             )
             return SaveResult.UNCHANGED
         payload = self._serialize(commit)
-        log.info("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
+        log.debug("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
         self._transact([*record.clear(), ("create", path, payload)], deadline, commit, None)
         return SaveResult.CREATED
 

@@ -200,6 +200,9 @@ class CommitMirror:
         # every commit, and a first publish, cost O(keys)).
         self._commits: immutables.Map[str, Commit] = immutables.Map()
         self._unparseable: set[str] = set()
+        # key -> (commit, its znode's stat version) as last read: what a writer's
+        # compare-and-set can start from instead of reading the znode again.
+        self._versions: dict[str, tuple[Commit, int]] = {}
         self._watches: dict[str, _KeyWatch] = {}
         self._current: Mapping[str, Commit] = _EMPTY_VIEW
         self._subscribers: list[Callable[[Mapping[str, Commit]], object]] = []
@@ -241,6 +244,14 @@ class CommitMirror:
     def values(self) -> MirrorValues:
         """A live mapping key -> value (``commit.value``, with the keeper's deserialization)."""
         return MirrorValues(self)
+
+    def znode_version(self, key: str) -> tuple[Commit, int] | None:
+        """``(commit, stat version)`` of ``key``'s znode as last read, or ``None``.
+
+        Possibly behind ZooKeeper (a change in flight): only good as the expected version
+        of a compare-and-set, which fails when it is.
+        """
+        return self._versions.get(key)
 
     @property
     def unparseable(self) -> frozenset[str]:
@@ -402,7 +413,7 @@ class CommitMirror:
 
     def _on_read(self, kw: _KeyWatch, result: Any) -> None:
         try:
-            data, _stat = result.get()
+            data, stat = result.get()
         except NoNodeError:
             # Deleted (the next listing forgets it) or not created yet. A read leaves no watch
             # on a missing znode; ``exists`` does, so a re-creation is seen.
@@ -416,7 +427,7 @@ class CommitMirror:
             kw.stale = True
             log.debug("Mirror of %s: reading %s failed: %r", self.data_path, kw.key, exc)
             return
-        self._on_data(kw, data)
+        self._on_data(kw, data, stat.version)
 
     def _on_exists(self, kw: _KeyWatch, result: Any) -> None:
         try:
@@ -453,6 +464,7 @@ class CommitMirror:
             for key in [key for key in self._watches if key not in listed]:
                 self._watches.pop(key).retired = True
                 self._unparseable.discard(key)
+                self._versions.pop(key, None)
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
                     changed = True
@@ -475,13 +487,14 @@ class CommitMirror:
             self._check_initialized()
         return new
 
-    def _on_data(self, kw: _KeyWatch, data: bytes | None) -> None:
+    def _on_data(self, kw: _KeyWatch, data: bytes | None, znode_version: int = -1) -> None:
         """A key's znode (``None``: absent): parse and swap the view. No ZooKeeper calls here."""
         with self._lock:
             if self._closed or self._watches.get(kw.key) is not kw:
                 return  # retired since the read was sent
             key = kw.key
             changed = False
+            self._versions.pop(key, None)
             if data is None:
                 self._unparseable.discard(key)
                 if key in self._commits:
@@ -509,11 +522,14 @@ class CommitMirror:
                 else:
                     self._unparseable.discard(key)
                     previous = self._commits.get(key)
+                    self._versions[key] = (commit, znode_version)
                     if previous != commit:
                         self._commits = self._commits.set(key, commit)
                         changed = True
                         if self.initialized:
-                            log.info(
+                            # DEBUG: every process logs every change; one commit of a
+                            # busy journal was several INFO lines per process.
+                            log.debug(
                                 "%s %s: %s: %s",
                                 self.noun,
                                 "added" if previous is None else "updated",
