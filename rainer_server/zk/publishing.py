@@ -54,7 +54,8 @@ class KeeperPublisher:
         self.keeper = keeper
         self.mirror = mirror
         self.background = background
-        self._lock = threading.Lock()
+        # Reentrant: a test can hold it to fill the queue before the thread takes anything.
+        self._lock = threading.RLock()
         # key -> newest queued commit; a dict keeps the keys in the order first queued.
         self._pending: dict[str, Commit] = {}
         self._busy = False
