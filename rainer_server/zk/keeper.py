@@ -254,7 +254,11 @@ class CommitKeeper:
             that commit, it is written with that stat version as the expectation; if the
             mirror was behind (the znode changed, or was deleted), the write fails and
             ``save`` decides on fresh reads as without ``known``. A znode that exists is not
-            deleted, so ``deleted/<key>`` needs no check.
+            deleted, so ``deleted/<key>`` needs no check. ZooKeeper restarts the stat version
+            of a znode deleted and created again; the mirror forgets a key's version when it
+            sees the delete, so an expectation could only match such a new znode if the
+            mirror had missed both the tombstone and the re-creation: the same kind of window
+            a read-then-write has between its read and its write.
         :raises ConcurrentCommitError: on a refused rollback, and as ``LostCompareAndSet`` on
             a lost compare-and-set (trying again decides anew).
         :raises KeeperError: when ZooKeeper cannot be reached in time, or the commit is too big.
