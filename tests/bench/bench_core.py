@@ -501,7 +501,9 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
             servers[s.name] = Gunicorn(s.name, s.app, env, args.workers, log_dir)
         for s in group:
             server = servers[s.name]
-            server.wait_ready()
+            # The first start over a freshly seeded journal numbers its rows in the global
+            # index (500k for deep): minutes on a busy machine, not the 30 s of a plain start.
+            server.wait_ready(timeout=600)
             method, path = s.probe
             status, body = probe(server.base, method,
                                  path.replace("{tag}", uuid.uuid4().hex[:10]))
