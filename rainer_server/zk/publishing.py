@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from rainer_server.commit import Commit
 from rainer_server.errors import ConcurrentCommitError
@@ -113,19 +114,53 @@ class KeeperPublisher:
                     self._wake.wait()
                 if not self._pending:
                     return
-                key = next(iter(self._pending))
-                commit = self._pending.pop(key)
+                batch = list(self._pending.values())
+                self._pending.clear()
                 self._busy = True
             try:
-                self._publish(commit)
+                self._publish_batch(batch)
             finally:
                 with self._lock:
                     self._busy = False
                     self._wake.notify_all()
 
-    def _publish(self, commit: Commit) -> None:
+    def _publish_batch(self, batch: list[Commit]) -> None:
+        """Publish ``batch`` (one commit per key) in order, its updates pipelined.
+
+        One at a time, a worker publishing a round trip per commit falls behind a busy
+        service and its queue (and every mirror) lags by seconds. Updates the mirror knows
+        the znode version of are all sent at once (ZooKeeper applies one session's requests
+        in order); anything else waits for those, then goes through ``keeper.save``.
+        """
+        sent: list[tuple[Commit, Any]] = []
+        for commit in batch:
+            known = self.mirror.znode_version(commit.key) if self.mirror else None
+            try:
+                result = self.keeper.start_update(commit, known)
+            except RainerError:
+                result = None  # too big: save says so in the log
+            if result is None:
+                self._finish(sent)
+                sent = []
+                self._publish(commit)
+            else:
+                sent.append((commit, result))
+        self._finish(sent)
+
+    def _finish(self, sent: list[tuple[Commit, Any]]) -> None:
+        deadline = time.monotonic() + self.keeper.timeout
+        for commit, result in sent:
+            try:
+                self.keeper.wait_for(result, deadline)
+            except Exception as exc:
+                # Lost (the mirror was behind), or no answer in time: decided again on fresh
+                # reads, with save's logging of what fails.
+                log.debug("Publishing %s again after %r", commit.key, exc)
+                self._publish(commit, trust_mirror=False)
+
+    def _publish(self, commit: Commit, trust_mirror: bool = True) -> None:
         try:
-            self._save(commit)
+            self._save(commit, trust_mirror)
         except ConcurrentCommitError as exc:
             log.warning("Failed to publish commit, will try again soon: %s: %s", commit.key, exc)
         except RainerError as exc:  # KeeperError (unreachable, too big), a key ZK refuses
@@ -141,10 +176,11 @@ class KeeperPublisher:
             # otherwise.
             log.exception("Failed to publish commit %s (version[%s])", commit.key, commit.version)
 
-    def _save(self, commit: Commit) -> None:
+    def _save(self, commit: Commit, trust_mirror: bool = True) -> None:
         for attempt in range(1, _ATTEMPTS + 1):
             # Only the first try trusts the mirror: after a lost compare-and-set, fresh reads.
-            known = self.mirror.znode_version(commit.key) if self.mirror and attempt == 1 else None
+            trusted = self.mirror is not None and trust_mirror and attempt == 1
+            known = self.mirror.znode_version(commit.key) if trusted else None
             try:
                 self.keeper.save(commit, known=known)
                 return
