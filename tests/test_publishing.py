@@ -237,3 +237,33 @@ def test_a_queue_lost_in_a_crash_is_repaired_by_the_publisher(zk_chroot, client,
         assert keeper.heads() == storage.heads()
     finally:
         storage.stop()
+
+
+class Snapshot:
+    """A mirror's znode versions frozen at one moment (then left behind by other writers)."""
+
+    def __init__(self, versions: dict) -> None:
+        self.versions = versions
+
+    def znode_version(self, key: str):
+        return self.versions.get(key)
+
+
+def test_a_pipelined_batch_with_a_mirror_behind_publishes_on_fresh_reads(keeper, client, storage):
+    for key in ("a", "b"):
+        keeper.save(make_commit(key, 1))
+    behind = Snapshot({key: (make_commit(key, 1), client.get(keeper.znode(key))[1].version)
+                       for key in ("a", "b")})
+    keeper.save(make_commit("a", 2))  # another writer: "a" moved on, unseen by the snapshot
+    keeper.save(make_commit("b", 5))  # ...and "b" is newer than what this process queues
+    publishing = keeper_publishing(storage, keeper, mirror=behind, background=True)
+    hook = publishing.hook
+    with hook._lock:  # one batch: both sent before either answer is read
+        hook(make_commit("a", 3))
+        hook(make_commit("b", 4))
+        hook(make_commit("c", 1))  # unknown to the mirror: keeper.save after the batch
+    assert hook.flush(timeout=10)
+    assert keeper.get("a") == make_commit("a", 3)
+    assert keeper.get("b") == make_commit("b", 5)  # refused: never a rollback
+    assert keeper.get("c") == make_commit("c", 1)
+    hook.close()
