@@ -46,6 +46,8 @@ class Settings:
     url_prefix: str = "/diary"
     payload_format: str = "json"
     max_payload_bytes: int = 524288
+    #: Per process: repeat ``GET /<key>/<version>`` reads are answered from memory (0: off).
+    version_cache_bytes: int = 16 * 1024 * 1024
     payload_schemas: Mapping[str, str] = dataclasses.field(default_factory=dict)
     zk_hosts: str | None = None
     zk_path: str = "/rainer"
@@ -167,6 +169,7 @@ class SettingsSchema(Schema):
         r"^(/[^/\s]+)*$", error="must be empty or start with '/' and not end with '/'"))
     payload_format = fields.String(validate=validate.OneOf(PAYLOAD_FORMATS))
     max_payload_bytes = fields.Integer(validate=validate.Range(min=1, max=16 * 1024 * 1024))
+    version_cache_bytes = fields.Integer(validate=validate.Range(min=0, max=1 << 34))
     payload_schemas = fields.Dict(keys=fields.String(), values=fields.String(
         validate=validate.Regexp(r"^[\w.]+:\w+$", error="must be 'module:SchemaClass'")))
     zk_hosts = fields.String(allow_none=True)

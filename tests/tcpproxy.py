@@ -9,7 +9,8 @@ import threading
 
 class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``target``; ``cut()`` drops every connection and stops
-    listening, ``restore()`` listens on the same port again."""
+    listening, ``restore()`` listens on the same port again; ``pause()`` keeps connections open
+    but forwards nothing (a peer that does not answer) until ``resume()``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -17,7 +18,15 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
         self._connections: set[socket.socket] = set()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.restore()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     @property
     def address(self) -> str:
@@ -68,6 +77,7 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -63,6 +63,8 @@ def test_writes_reach_zookeeper_and_reads_come_from_the_mirror(zk_app, zk):
     client = zk_app.test_client()
     r = client.post("/diary/svc/1", data=b'{"threads": 4}', headers=AUTHOR)
     assert r.status_code == 200
+    # Published from the process's queue, right after the answer.
+    wait_for(lambda: zk.exists("/rainer/data/svc"), message="svc published")
     data, _ = zk.get("/rainer/data/svc")
     assert Commit.deserialize(data).payload == b'{"threads": 4}'
 
@@ -220,6 +222,7 @@ def test_one_publisher_among_gunicorn_workers_and_sigkill_hands_over(zk_chroot, 
 
         status, _, _ = request(server.url + "/svc/1", data=b'{"v":1}', headers=AUTHOR, method="POST")
         assert status == 200
+        wait_for(lambda: zk.exists("/rainer/data/svc"), 10, "svc published")
         # The leader repairs a znode deleted behind its back.
         zk.delete("/rainer/data/svc")
         wait_for(lambda: zk.exists("/rainer/data/svc"), 10, "repair by the first leader")

@@ -146,6 +146,20 @@ def _shared(key: str) -> bool:
     return not gate.enabled or gate.policy.anyone_may_read(key)
 
 
+def _found_version(key: str, version: int) -> Commit:
+    """Version ``version`` of ``key`` (access already checked), from the process's cache when
+    a recent read put it there."""
+    rainer = get_rainer()
+    cache = rainer.version_cache
+    if cache.max_bytes:
+        commit = cache.get(key, version)
+        if commit is None:
+            commit = _found(key, version)
+            cache.put(commit)
+        return commit
+    return _found(key, version)
+
+
 def _payload_response(commit: Commit) -> Response:
     return Response(commit.payload or b"", 200, headers=payload_headers(commit))
 
@@ -512,14 +526,14 @@ def get_history(key: str) -> Response:
 def get_version(key: str, version: str) -> Response:
     key = _key(key)
     number = _version(version)
-    return _payload_response(_found(_may_read(key), number))
+    return _payload_response(_found_version(_may_read(key), number))
 
 
 @bp.get("/<key>/<version>/meta")
 def get_version_meta(key: str, version: str) -> Response:
     key = _key(key)
     number = _version(version)
-    return _json(_found(_may_read(key), number).meta)
+    return _json(_found_version(_may_read(key), number).meta)
 
 
 @bp.get("/<key>/diff")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from flask import current_app
 
 from rainer_server import metrics
+from rainer_server.commit import Commit
 from rainer_server.errors import ConfigurationError
 from rainer_server.errors import StorageUnavailable
 from rainer_server.payloads import Payloads
@@ -33,6 +36,66 @@ from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.rainers import Rainers
 
 log = logging.getLogger(__name__)
+
+
+#: Seconds a cached version is trusted. A version never changes while its journal lives, but a
+#: database restored from an older backup (or replaced under the same URL) may hold another
+#: commit under a number this process has cached: after this long it is read again.
+VERSION_CACHE_TTL = 60.0
+#: What one entry costs besides its payload and key (the Commit, its strings, the LRU's node).
+_ENTRY_OVERHEAD = 400
+
+
+class VersionCache:
+    """An LRU of ``(key, version) -> Commit`` for ``GET /<key>/<version>``, bounded by bytes.
+
+    Requests of one process (greenlets or threads) share it; each entry expires after
+    ``ttl`` seconds. Only commits the storage returned are kept: a missing version is read
+    again each time (it may be written a moment later).
+    """
+
+    def __init__(self, max_bytes: int, ttl: float = VERSION_CACHE_TTL) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[str, int], tuple[Commit, float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, version: int) -> Commit | None:
+        with self._lock:
+            entry = self._entries.get((key, version))
+            if entry is None:
+                return None
+            commit, expires, size = entry
+            if time.monotonic() >= expires:
+                del self._entries[(key, version)]
+                self.bytes -= size
+                return None
+            self._entries.move_to_end((key, version))
+            return commit
+
+    def put(self, commit: Commit) -> None:
+        size = len(commit.payload or b"") + len(commit.key) * 2 + _ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return  # would push everything else out
+        item = (commit.key, commit.version)
+        with self._lock:
+            old = self._entries.pop(item, None)
+            if old is not None:
+                self.bytes -= old[2]
+            self._entries[item] = (commit, time.monotonic() + self.ttl, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, _, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
 
 
 class RainerContext:
@@ -57,6 +120,8 @@ class RainerContext:
         self.list_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         # Each mirror commit's member of a listing, serialised once per change of its key.
         self.listing = ListingFragments()
+        # GET /<key>/<version>: immutable, so repeat reads need no database (init_app sizes it).
+        self.version_cache = VersionCache(self.settings.version_cache_bytes)
         # Mirror-backed payload GETs: key -> (commit, its response headers).
         self.prepared_headers: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
         # A kazoo client (typed loosely: kazoo is imported under zk/ only).
@@ -188,6 +253,9 @@ class RainerContext:
                 period=settings.publish_period,
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
+                # A POST answers once the database has the commit: ZooKeeper is a cache of
+                # it, published by this process's queue (or repaired by the publisher).
+                background_publish=True,
             )
             # Before the publisher starts, so that no leadership change is missed.
             rainers.report_to(metrics.metrics().zookeeper, mirror)
@@ -247,6 +315,7 @@ class RainerContext:
             rainers, mirror, client = self.rainers, self.mirror, self.zk_client
             self.rainers = self.mirror = self.zk_client = None
             if rainers is not None:
+                rainers.close_publishing()  # while the client is still connected
                 rainers.auto_publisher.close()
                 if rainers.drift_repair is not None:
                     rainers.drift_repair.close()

@@ -30,6 +30,7 @@ from rainer_server.web import console
 from rainer_server.web import health
 from rainer_server.web.auth import open_gate
 from rainer_server.web.context import RainerContext
+from rainer_server.web.context import VersionCache
 from rainer_server.web.middleware import MirrorReads
 from rainer_server.web.middleware import ReleaseConnections
 from rainer_server.web.middleware import RequestMetrics
@@ -73,6 +74,7 @@ class Rainer(RainerContext):
             log.warning(message)
         values.update(own)  # the app's config wins
         self.settings = load_settings(without_prefix(values))
+        self.version_cache = VersionCache(self.settings.version_cache_bytes)
         self.payloads = make_payloads(self.settings.payload_format, self.settings.payload_schemas)
         self.gate = open_gate(
             self.settings, open_database(self.settings.database_url, self.settings.database_timeout)

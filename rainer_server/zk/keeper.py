@@ -254,11 +254,11 @@ class CommitKeeper:
 
     # ------------------------------------------------------------------ writes
 
-    def save(self, commit: Commit) -> SaveResult:
-        """``_save(commit)``; a failure on ZooKeeper itself makes the key a suspect (see
+    def save(self, commit: Commit, known: tuple[Commit, int] | None = None) -> SaveResult:
+        """``_save(commit, known)``; a failure on ZooKeeper itself makes the key a suspect (see
         ``suspect_listeners``)."""
         try:
-            return self._save(commit)
+            return self._save(commit, known)
         except CommitTooLarge:
             raise  # refused by us, the same every time: nothing to re-check
         except KeeperError:
@@ -272,7 +272,7 @@ class CommitKeeper:
             except Exception:
                 log.exception("Keeper suspect listener %r failed", listener)
 
-    def _save(self, commit: Commit) -> SaveResult:
+    def _save(self, commit: Commit, known: tuple[Commit, int] | None = None) -> SaveResult:
         """Publish ``commit`` to its znode according to spec §5's table, keeping deletes.
 
         Never rolls a key back: a commit whose version is not above the znode's (and which is
@@ -282,7 +282,18 @@ class CommitKeeper:
         ``UNCHANGED``: ``data/`` did not change).
 
         One round trip to read (the znode and its deletion record, pipelined), one to write.
+        With ``known``, an update is one round trip: a compare-and-set on that stat version.
 
+        :param known: ``(commit, stat version)`` of the znode as a mirror last read it
+            (``CommitMirror.znode_version``). When ``commit`` is a newer non-empty version of
+            that commit, it is written with that stat version as the expectation; if the
+            mirror was behind (the znode changed, or was deleted), the write fails and
+            ``save`` decides on fresh reads as without ``known``. A znode that exists is not
+            deleted, so ``deleted/<key>`` needs no check. ZooKeeper restarts the stat version
+            of a znode deleted and created again; the mirror forgets a key's version when it
+            sees the delete, so an expectation could only match such a new znode if the
+            mirror had missed both the tombstone and the re-creation: the same kind of window
+            a read-then-write has between its read and its write.
         :raises ConcurrentCommitError: on a refused rollback, and as ``LostCompareAndSet`` on
             a lost compare-and-set (trying again decides anew).
         :raises KeeperError: when ZooKeeper cannot be reached in time, or the commit is too big.
@@ -291,6 +302,27 @@ class CommitKeeper:
         key = commit.key
         path = self.znode(key)
         deadline = self._start()
+        if known is not None:
+            existing, znode_version = known
+            if not commit.empty and existing.key == key and commit.version > existing.version:
+                try:
+                    self._transact(
+                        [("set", path, self._serialize(commit), znode_version)],
+                        deadline,
+                        commit,
+                        existing,
+                    )
+                except LostCompareAndSet:
+                    log.debug("Mirror behind on %s: reading the znode to publish it", key)
+                else:
+                    log.debug(
+                        "Updated commit %s (from version[%s] to version[%s] znode[%s])",
+                        key,
+                        existing.version,
+                        commit.version,
+                        path,
+                    )
+                    return SaveResult.UPDATED
         record = _Record(self, key, self.client.get_async(self.deleted_znode(key)))
         data, stat = self._read_znode(path, deadline)
         record.wait(deadline)
@@ -330,7 +362,9 @@ class CommitKeeper:
             return SaveResult.UNCHANGED
         if commit.version > existing.version:
             payload = self._serialize(commit)
-            log.info(
+            # DEBUG, as every per-commit line: the commit itself is logged once, where it is
+            # saved.
+            log.debug(
                 "Updating commit %s (from version[%s] to version[%s] znode[%s])",
                 key,
                 existing.version,
@@ -346,6 +380,23 @@ class CommitKeeper:
             "Refusing to update commit %s (from version[%s] to version[%s] znode[%s])"
             % (key, existing.version, commit.version, path),
         )
+
+    def start_update(self, commit: Commit, known: tuple[Commit, int] | None) -> Any | None:
+        """Send the compare-and-set ``save(commit, known)`` starts with, without waiting for
+        it: its kazoo result (``wait_for`` it; a lost one raises ``BadVersionError`` or
+        ``NoNodeError``, and ``save`` then decides on fresh reads), or ``None`` when ``save``
+        would not start with one. Many can be in flight: one session's requests are applied
+        in the order sent.
+
+        :raises KeeperError: (``CommitTooLarge``) the commit is too big.
+        """
+        if known is None or not self.client.connected:
+            return None
+        existing, znode_version = known
+        if commit.empty or existing.key != commit.key or commit.version <= existing.version:
+            return None
+        payload = self._serialize(commit)
+        return self.client.set_async(self.znode(commit.key), payload, version=znode_version)
 
     def _save_absent(self, commit: Commit, record: _Record, deadline: float) -> SaveResult:
         """``save`` when ``data/<key>`` is absent: create it, or record a deletion."""
@@ -385,7 +436,7 @@ class CommitKeeper:
             )
             return SaveResult.UNCHANGED
         payload = self._serialize(commit)
-        log.info("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
+        log.debug("Creating commit %s (version[%s] znode[%s])", key, commit.version, path)
         self._transact([*record.clear(), ("create", path, payload)], deadline, commit, None)
         return SaveResult.CREATED
 

@@ -205,6 +205,9 @@ class CommitMirror:
         # every commit, and a first publish, cost O(keys)).
         self._commits: immutables.Map[str, Commit] = immutables.Map()
         self._unparseable: set[str] = set()
+        # key -> (commit, its znode's stat version) as last read: what a writer's
+        # compare-and-set can start from instead of reading the znode again.
+        self._versions: dict[str, tuple[Commit, int]] = {}
         self._watches: dict[str, _KeyWatch] = {}
         self._current: Mapping[str, Commit] = _EMPTY_VIEW
         self._subscribers: list[Callable[[Mapping[str, Commit]], object]] = []
@@ -246,6 +249,14 @@ class CommitMirror:
     def values(self) -> MirrorValues:
         """A live mapping key -> value (``commit.value``, with the keeper's deserialization)."""
         return MirrorValues(self)
+
+    def znode_version(self, key: str) -> tuple[Commit, int] | None:
+        """``(commit, stat version)`` of ``key``'s znode as last read, or ``None``.
+
+        Possibly behind ZooKeeper (a change in flight): only good as the expected version
+        of a compare-and-set, which fails when it is.
+        """
+        return self._versions.get(key)
 
     @property
     def unparseable(self) -> frozenset[str]:
@@ -418,18 +429,18 @@ class CommitMirror:
         complete view anyway. A key whose watch fires before the answers are applied is read
         again and applied as usual; its first answer, older, is then dropped.
         """
-        answers: list[tuple[_KeyWatch, bytes]] = []
+        answers: list[tuple[_KeyWatch, bytes, int]] = []
         pending: collections.deque[tuple[_KeyWatch, Any]] = collections.deque()
 
         def collect(kw: _KeyWatch, result: Any) -> None:
             try:
-                data, _stat = result.get(timeout=self.keeper.timeout)
+                data, stat = result.get(timeout=self.keeper.timeout)
             except Exception:
                 # Absent (an exists watch then waits for it), or the connection dropped
                 # (read again once connected), or no answer yet: as any read.
                 result.rawlink(partial(self._on_read, kw))
             else:
-                answers.append((kw, data))
+                answers.append((kw, data, stat.version))
 
         for kw in kws:
             pending.append((kw, self.client.get_async(kw.path, watch=kw.on_event)))
@@ -439,13 +450,13 @@ class CommitMirror:
             collect(*pending.popleft())
         self._apply_first(answers)
 
-    def _apply_first(self, answers: list[tuple[_KeyWatch, bytes]]) -> None:
+    def _apply_first(self, answers: list[tuple[_KeyWatch, bytes, int]]) -> None:
         """Parse and apply the first reads' answers at once (see ``_read_first``)."""
         with self._lock:
             if self._closed:
                 return
             commits = self._commits.mutate()
-            for kw, data in answers:
+            for kw, data, znode_version in answers:
                 key = kw.key
                 if self._watches.get(key) is not kw or kw.updated:
                     continue  # retired since, or a newer answer was applied
@@ -455,6 +466,7 @@ class CommitMirror:
                 except InvalidCommit as exc:
                     self._unparseable.add(key)
                     commits.pop(key, None)
+                    self._versions.pop(key, None)
                     log.error(
                         "%s added with bad serialization: %s: %s, data = %s",
                         self.noun,
@@ -465,6 +477,7 @@ class CommitMirror:
                 else:
                     self._unparseable.discard(key)
                     commits[key] = commit
+                    self._versions[key] = (commit, znode_version)
                 if self._awaiting is not None:
                     self._awaiting.discard(key)
             self._commits = commits.finish()
@@ -499,7 +512,7 @@ class CommitMirror:
 
     def _on_read(self, kw: _KeyWatch, result: Any) -> None:
         try:
-            data, _stat = result.get()
+            data, stat = result.get()
         except NoNodeError:
             # Deleted (the next listing forgets it) or not created yet. A read leaves no watch
             # on a missing znode; ``exists`` does, so a re-creation is seen.
@@ -513,7 +526,7 @@ class CommitMirror:
             kw.stale = True
             log.debug("Mirror of %s: reading %s failed: %r", self.data_path, kw.key, exc)
             return
-        self._on_data(kw, data)
+        self._on_data(kw, data, stat.version)
 
     def _on_exists(self, kw: _KeyWatch, result: Any) -> None:
         try:
@@ -550,6 +563,7 @@ class CommitMirror:
             for key in [key for key in self._watches if key not in listed]:
                 self._watches.pop(key).retired = True
                 self._unparseable.discard(key)
+                self._versions.pop(key, None)
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
                     changed = True
@@ -572,7 +586,7 @@ class CommitMirror:
             self._check_initialized()
         return new
 
-    def _on_data(self, kw: _KeyWatch, data: bytes | None) -> None:
+    def _on_data(self, kw: _KeyWatch, data: bytes | None, znode_version: int = -1) -> None:
         """A key's znode (``None``: absent): parse and swap the view. No ZooKeeper calls here."""
         with self._lock:
             if self._closed or self._watches.get(kw.key) is not kw:
@@ -580,6 +594,7 @@ class CommitMirror:
             kw.updated = True
             key = kw.key
             changed = False
+            self._versions.pop(key, None)
             if data is None:
                 self._unparseable.discard(key)
                 if key in self._commits:
@@ -607,11 +622,14 @@ class CommitMirror:
                 else:
                     self._unparseable.discard(key)
                     previous = self._commits.get(key)
+                    self._versions[key] = (commit, znode_version)
                     if previous != commit:
                         self._commits = self._commits.set(key, commit)
                         changed = True
                         if self.initialized:
-                            log.info(
+                            # DEBUG: every process logs every change; one commit of a
+                            # busy journal was several INFO lines per process.
+                            log.debug(
                                 "%s %s: %s: %s",
                                 self.noun,
                                 "added" if previous is None else "updated",

@@ -121,8 +121,9 @@ def seed_commit(key: str, version: int, index: int):
     return Commit(key, version, make_payload(key, version), "bench", f"seed {version}", mtime)
 
 
-def seed(db_url: str) -> dict[str, float]:
-    """Fill the tables through DbCommitStorage's own model; return seconds per table."""
+def seed(db_url: str, tables: set[str] | None = None) -> dict[str, float]:
+    """Fill the tables (all, or those of ``tables``) through DbCommitStorage's own model;
+    return seconds per table."""
     from rainer_server import DbCommitStorage
     from rainer_server import open_database
     from rainer_server.chain import GENESIS
@@ -132,6 +133,8 @@ def seed(db_url: str) -> dict[str, float]:
     timings = {}
     try:
         for table, (nkeys, versions_of) in TABLES.items():
+            if tables is not None and table not in tables:
+                continue
             started = time.perf_counter()
             storage = DbCommitStorage(database, table)
             storage.start()
@@ -237,6 +240,42 @@ def time_heads_in_process(db_url: str, repeat: int = 7) -> dict[str, dict[str, f
     return out
 
 
+def check_published(db_url: str, table: str, hosts: str, base_path: str, tags: list[str],
+                    timeout: float = 15.0) -> str | None:
+    """``None`` once ZooKeeper holds exactly the database's head of every key the runs posted
+    (publishing may trail the answers: waits for it up to ``timeout``), else what differs."""
+    from rainer_server import DbCommitStorage
+    from rainer_server import open_database
+    from rainer_server.zk.keeper import CommitKeeper
+    from rainer_server.zk.keeper import make_kazoo_client
+
+    database = open_database(db_url)
+    storage = DbCommitStorage(database, table)
+    client = make_kazoo_client(hosts)
+    try:
+        storage.start()
+        heads = {key: commit for key, commit in storage.heads().items()
+                 if key.startswith(tuple(tags))}
+        client.start(timeout=15)
+        keeper = CommitKeeper(client, base_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            published = {key: commit for key, commit in keeper.heads().items()
+                         if key.startswith(tuple(tags))}
+            differ = [key for key in heads if published.get(key) != heads[key]]
+            if not differ and len(published) == len(heads):
+                return None
+            if time.monotonic() > deadline:
+                return (f"{base_path}: {len(differ)} of {len(heads)} keys not published as "
+                        f"saved (e.g. {differ[:3]}), {len(published)} znodes")
+            time.sleep(0.2)
+    finally:
+        client.stop()
+        client.close()
+        storage.stop()
+        database.close()
+
+
 def service_env(db_url: str, table: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
     env.update(RAINER_DATABASE_URL=db_url, RAINER_TABLE=table, PYTHONDONTWRITEBYTECODE="1")
@@ -282,6 +321,8 @@ class Scenario:
     # Slow scenarios (about a second a request) use fewer connections than --connections,
     # so requests queued behind the workers stay well inside wrk's timeout, and fewer rounds.
     slow: bool = False
+    # Needs ZooKeeper: RAINER_ZK_HOSTS and a base path of its own are added to env.
+    zookeeper: bool = False
 
 
 def scenarios(connections: int, threads: int) -> list[Scenario]:
@@ -309,6 +350,10 @@ def scenarios(connections: int, threads: int) -> list[Scenario]:
                  get_version_probe, floor=True),
         Scenario("get_version", "GET /diary/<key>/<v> (deep)", "get-version", rainer, deep,
                  "/diary", "get.lua", version_args, get_version_probe),
+        # Repeat reads: 100 keys x 50 versions (5000 immutable versions) fit the per-process
+        # version cache after the warm-up, as a fleet's pinned versions would.
+        Scenario("get_version_hot", "GET /diary/<key>/<v> repeats (5000)", "get-version",
+                 rainer, deep, "/diary", "get.lua", ["/diary", "100", "50"], get_version_probe),
         Scenario("list_shallow", "GET /diary 10k x 1 version", "list", rainer, "shallow",
                  "/diary", None, [], list_probe),
         Scenario("list_deep", "GET /diary 10k x 50 versions", "list", rainer, deep, "/diary",
@@ -329,6 +374,10 @@ def scenarios(connections: int, threads: int) -> list[Scenario]:
                  post_probe, floor=True),
         Scenario("post_next", "POST next versions, distinct keys", "post-next", rainer,
                  POST_TABLE, "/diary", "post.lua", next_args, post_probe),
+        # As the README deploys it: every worker publishes to ZooKeeper and mirrors it. The
+        # ZooKeeper settings are filled in by main() (zk_env), the table is the same.
+        Scenario("post_next_zk", "POST next versions, with ZooKeeper", "post-next", rainer,
+                 POST_TABLE, "/diary", "post.lua", next_args, post_probe, zookeeper=True),
         Scenario("floor_d_new", "(d) insert txn, new keys v1", "post-new",
                  "floors:flask_pymysql_post", FLOOR_POST_TABLE, "/diary", "post.lua", new_args,
                  post_probe, floor=True),
@@ -344,11 +393,14 @@ def scenarios(connections: int, threads: int) -> list[Scenario]:
 COMPARISONS = [
     ("get_head", "floor_a", "min", None),
     ("get_head", "floor_b", "min", None),
-    ("get_version", "floor_c", "min", 0.85),
+    ("get_version", "floor_c", "min", 0.95),
+    ("get_version_hot", "floor_c", "min", 0.95),
     ("list_deep", "list_shallow", "max-inverse", 1.3),
     ("list_deep_nc", "list_shallow_nc", "max-inverse", 1.3),
     ("list_1000", "floor_e", "min", 5.0),
     ("post_next", "floor_d_next", "min", 0.8),
+    ("post_next_zk", "post_next", "min", 0.85),
+    ("post_next_zk", "floor_d_next", "min", 0.8),
     ("post_new", "floor_d_new", "min", 0.8),
 ]
 
@@ -435,14 +487,23 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
     servers: dict[str, Gunicorn] = {}
     rounds: dict[str, list[dict]] = {s.name: [] for s in group}
     connections: dict[str, int] = {}
+    tags: dict[str, list[str]] = {s.name: [] for s in group}
+    problems: dict[str, str | None] = {}
+    zk_paths: dict[str, str] = {}
     try:
         for s in group:
-            servers[s.name] = Gunicorn(
-                s.name, s.app, {**service_env(db_url, s.table), **s.env}, args.workers, log_dir
-            )
+            env = {**service_env(db_url, s.table), **s.env}
+            if s.zookeeper:
+                zk_paths[s.name] = f"/bench-core-{uuid.uuid4().hex[:8]}"
+                # No elected pass during the rounds: each reads every head of the table.
+                env.update(RAINER_ZK_HOSTS=args.zk_hosts, RAINER_ZK_PATH=zk_paths[s.name],
+                           RAINER_PUBLISH_PERIOD="3600")
+            servers[s.name] = Gunicorn(s.name, s.app, env, args.workers, log_dir)
         for s in group:
             server = servers[s.name]
-            server.wait_ready()
+            # The first start over a freshly seeded journal numbers its rows in the global
+            # index (500k for deep): minutes on a busy machine, not the 30 s of a plain start.
+            server.wait_ready(timeout=600)
             method, path = s.probe
             status, body = probe(server.base, method,
                                  path.replace("{tag}", uuid.uuid4().hex[:10]))
@@ -456,6 +517,7 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
 
         def measure(s: Scenario, seconds: float) -> dict:
             tag = "w" + uuid.uuid4().hex[:10]
+            tags[s.name].append(tag)
             script_args = [item.replace("{tag}", tag) for item in s.args]
             with CpuWatch(masters) as cpu:
                 result = run_wrk(servers[s.name].base + s.path, s.script, script_args, seconds,
@@ -486,6 +548,9 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
                 if s.slow:
                     seconds = max(seconds, 4)  # about a second a request
                 rounds[s.name].append(measure(s, seconds))
+        problems = {name: check_published(db_url, s.table, args.zk_hosts, zk_paths[name],
+                                          tags[name])
+                    for name in zk_paths for s in group if s.name == name}
     finally:
         for server in servers.values():
             server.stop()
@@ -514,7 +579,8 @@ def run_group(group: list[Scenario], args, db_url: str, log_dir: Path) -> dict[s
             "non2xx": non2xx,
             "socket_errors": sockets,
             "bg_pct": statistics.mean(run["bg_pct"] for run in runs),
-            "valid": non2xx == 0 and sockets == 0 and completed,
+            "valid": non2xx == 0 and sockets == 0 and completed and not problems.get(s.name),
+            "problem": problems.get(s.name),
             "rounds": runs,
         }
     return rows
@@ -647,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mysql", default="mysql://root@127.0.0.1:3306",
                         help="MySQL server URL, without database")
     parser.add_argument("--database", default="rainer_bench")
+    parser.add_argument("--zk-hosts", default=os.environ.get("RAINER_TEST_ZK_HOSTS"),
+                        help="ZooKeeper for the scenarios with ZooKeeper (default: "
+                             "$RAINER_TEST_ZK_HOSTS, else a throw-away one is started)")
     parser.add_argument("--only", help="comma-separated scenario names (debugging)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
@@ -669,20 +738,29 @@ def main(argv: list[str] | None = None) -> int:
     heads_ms = None
     invalid: list[str] = []
     created = False
+    zk_server = None
     try:
-        print(f"# rainer bench: {os.cpu_count()} CPUs, gunicorn --workers {args.workers} (sync), "
-              f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+        print(f"# rainer bench: {os.cpu_count()} CPUs, gunicorn --workers {args.workers} "
+              f"(the configured worker class, gevent by default), wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
               f"(+{args.warmup:g}s warm-up), MySQL {db_url}", flush=True)
         recreate_database(args.mysql, args.database)
         created = True
-        timings = seed(db_url)
-        print("# seeded " + ", ".join(f"{t} in {s:.1f}s" for t, s in timings.items()),
-              flush=True)
-        heads_ms = time_heads_in_process(db_url)
         groups: dict[str, list[Scenario]] = {}
         for s in scenarios(args.connections, args.threads):
             if not selected or s.name in selected or s.group in selected:
                 groups.setdefault(s.group, []).append(s)
+        # --only seeds only what the chosen scenarios read (deep alone takes minutes).
+        needed = None if not selected else {s.table for g in groups.values() for s in g}
+        timings = seed(db_url, needed)
+        print("# seeded " + ", ".join(f"{t} in {s:.1f}s" for t, s in timings.items()),
+              flush=True)
+        if needed is None or {"shallow", "deep"} <= needed:
+            heads_ms = time_heads_in_process(db_url)
+        if not args.zk_hosts and any(s.zookeeper for g in groups.values() for s in g):
+            from tests.zkserver import ZooKeeperServer
+
+            zk_server = ZooKeeperServer(Path(log_dir) / "zk").start()
+            args.zk_hosts = zk_server.hosts
         for name, group in groups.items():
             print(f"# {name}: {', '.join(s.name for s in group)} "
                   f"(load1 {os.getloadavg()[0]:.2f})", flush=True)
@@ -702,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         Children.stop_all()
+        if zk_server is not None:
+            zk_server.stop()
         if created and not args.keep_db:
             try:
                 drop_database(args.mysql, args.database)
@@ -714,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(table)
     invalid += [f"{r['scenario']}: {r['non2xx']} non-2xx, {r['socket_errors']} socket errors, "
-                f"{r['requests']} requests" for r in rows.values() if not r["valid"]]
+                f"{r['requests']} requests" + (f"; {r['problem']}" if r["problem"] else "")
+                for r in rows.values() if not r["valid"]]
     for problem in invalid:
         print(f"INVALID: {problem}")
     disturbed = sorted({r["group"] for r in rows.values() if r["bg_pct"] > 20})
@@ -732,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                 "meta": {
                     "cpus": os.cpu_count(),
                     "workers": args.workers,
-                    "worker_class": "sync",
+                    "worker_class": os.environ.get("RAINER_WORKER_CLASS", "gevent"),
                     "connections": args.connections,
                     "threads": args.threads,
                     "duration_s": args.duration,

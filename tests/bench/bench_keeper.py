@@ -71,6 +71,7 @@ from keeper_support import Observer  # noqa: E402
 from keeper_support import http_request  # noqa: E402
 from keeper_support import mysql_execute  # noqa: E402
 from keeper_support import now_ns  # noqa: E402
+from keeper_support import parse_wrk  # noqa: E402
 from keeper_support import run_wrk  # noqa: E402
 from keeper_support import tree_cpu  # noqa: E402
 
@@ -86,6 +87,10 @@ BASE_PATH = "/bench"                 # the keeper's base path, Rainer's RAINER_Z
 FLOOR_ZNODE = "/bench-floor/node"    # bare kazoo set -> DataWatch
 POST_KEY = "bench-post"
 SAVE_KEY = "bench-save"
+LOAD_KEY = "bench-load"              # sampled while wrk POSTs other keys
+#: Commit -> another process's mirror, from the POST being sent, under POST load (issue 13).
+PROPAGATION_P50_MS = 5.0
+PROPAGATION_P99_MS = 15.0
 AUTHOR = {"X-Rainer-Author": "bench", "Content-Type": "application/json"}
 
 
@@ -433,6 +438,71 @@ def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, blo
     return out
 
 
+# ====================================================================== 3b. under load
+
+
+def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
+                                 connections: int, threads: int) -> dict:
+    """Commit -> another process's mirror while wrk POSTs next versions (post.lua) at Rainer.
+
+    Samples are POSTs of ``LOAD_KEY``'s next version, sent one after the other in between
+    wrk's requests (each waits for the observer's mirror to show the previous one), timed from
+    just before sending to the observer's callback.
+    """
+    import subprocess
+    import uuid
+
+    observer = Observer("mirror", hosts, BASE_PATH, LOAD_KEY)
+    observer.wait_ready()
+    version = 0
+    samples: list[float] = []
+    after_200: list[float] = []
+    tag = "load" + uuid.uuid4().hex[:8]
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(3, round(seconds))}s",
+               "--latency", "--timeout", "10s", "-s", str(BENCH / "post.lua"), rainer.base + "/diary",
+               "--", tag, "next", "200"]
+    # Version 1 before the load: the samples time updates, not how soon a mirror lists a
+    # new key (a listing of data/, see the mirror's CHILDREN_RELIST_*).
+    version = 1
+    status, _, answer = http_request(rainer.base, "POST", f"/diary/{LOAD_KEY}/1",
+                                     make_payload(LOAD_KEY, 1), AUTHOR)
+    if status != 200:
+        raise RuntimeError(f"POST {LOAD_KEY}/1: {status} {answer[:300]!r}")
+    observer.wait_for(LOAD_KEY, 1)
+    wrk = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        # The first second: wrk's keys are created (children listings), the load settles.
+        time.sleep(1.0)
+        while time.monotonic() - started < seconds - 1.0:
+            version += 1
+            t0 = now_ns()
+            status, _, answer = http_request(rainer.base, "POST", f"/diary/{LOAD_KEY}/{version}",
+                                             make_payload(LOAD_KEY, version), AUTHOR)
+            t1 = now_ns()
+            if status != 200:
+                raise RuntimeError(f"POST {LOAD_KEY}/{version}: {status} {answer[:300]!r}")
+            arrived = observer.wait_for(LOAD_KEY, version)
+            samples.append((arrived - t0) / 1e6)
+            after_200.append((arrived - t1) / 1e6)
+        out, err = wrk.communicate(timeout=seconds + 60)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.wait()
+        observer.stop()
+    if wrk.returncode != 0:
+        raise RuntimeError(f"wrk failed ({wrk.returncode}): {err}{out}")
+    load = parse_wrk(out)
+    return {"p50_ms": percentile(samples, 50), "p90_ms": percentile(samples, 90),
+            "p99_ms": percentile(samples, 99), "max_ms": max(samples), "n": len(samples),
+            # From the 200 arriving: what the server's own queueing under load leaves out.
+            "after_200_p50_ms": percentile(after_200, 50),
+            "after_200_p99_ms": percentile(after_200, 99),
+            "load_rps": load.rps, "load_p50_ms": load.p50_ms, "load_non2xx": load.non2xx,
+            "load_socket_errors": load.socket_errors}
+
+
 # ====================================================================== 4. GET throughput
 
 
@@ -562,6 +632,16 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
         row("POST round trip p50 (MySQL + keeper)", lat["post_call_ms"], "ms",
             note=f"keeper.save {lat['save_call_ms']:.2f} ms, kazoo set "
                  f"{lat['floor_call_ms']:.2f} ms")
+    loaded = extra.get("propagation_under_load")
+    if loaded:
+        for q, target in (("p50", PROPAGATION_P50_MS), ("p99", PROPAGATION_P99_MS)):
+            v = loaded[f"{q}_ms"]
+            row(f"commit->other mirror {q}, POST sent, under POST load", v, "ms",
+                target=f"<= {target:g} ms", verdict="PASS" if v <= target else "FAIL",
+                note=f"n={loaded['n']} while wrk POSTed {loaded['load_rps']:.0f} req/s, "
+                     f"p50 {loaded['load_p50_ms']:.1f} ms each (post.lua next versions)")
+        row("  the same from the 200 arriving p50", loaded["after_200_p50_ms"], "ms",
+            note=f"p99 {loaded['after_200_p99_ms']:.2f} ms: the delivery alone")
     if gets:
         r = gets["rainer"]
         for name, target in (("flask_dict", 0.9), ("bare_wsgi", None)):
@@ -672,9 +752,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (all apps)")
     parser.add_argument("--samples", type=int, default=1000, help="latency samples per kind")
+    # (bench_keeper's GET rounds use --connections 16; the POST load is issue 13's -c32.)
+    parser.add_argument("--load-seconds", type=float, default=20,
+                        help="seconds of POST load while propagation is sampled")
+    parser.add_argument("--load-connections", type=int, default=32,
+                        help="wrk connections of that POST load")
+    parser.add_argument("--only-load", action="store_true",
+                        help="skip the publisher, idle latency and GET rounds (debugging)")
     parser.add_argument("--mysql", default="mysql://root@127.0.0.1:3306",
                         help="MySQL server URL, without database")
-    parser.add_argument("--database", default="rainer_bench_keeper")
+    parser.add_argument("--database", default="rainer_bench_keeper")  # one run at a time
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the extra publisher rows (no-mirror saves, pipelined creates)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -752,17 +839,28 @@ def main(argv: list[str] | None = None) -> int:
             if status != 200 or (name == "flask_dict" and body != make_payload(key_name(42), 1)):
                 raise RuntimeError(f"{name}: probe answered {status} {body[:100]!r}")
 
-        lat = bench_latency(zk.hosts, servers["rainer"], clients, args.samples,
-                            block=min(100, args.samples), warmup=20)
-        invalid += lat["problems"]
-        for key in ("floor", "post_from_send", "post_after_200", "save"):
+        if not args.only_load:
+            lat = bench_latency(zk.hosts, servers["rainer"], clients, args.samples,
+                                block=min(100, args.samples), warmup=20)
+            invalid += lat["problems"]
+        for key in ("floor", "post_from_send", "post_after_200", "save") if lat else ():
             s = lat[key]
             log(f"latency {key:<15} p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
                 f"p99 {s['p99_ms']:.2f} ms, max {s['max_ms']:.1f} ms (n={s['n']})")
 
+        loaded = bench_propagation_under_load(zk.hosts, servers["rainer"], args.load_seconds,
+                                              args.load_connections, args.threads)
+        extra["propagation_under_load"] = loaded
+        log(f"latency under POST load ({loaded['load_rps']:.0f} req/s): p50 "
+            f"{loaded['p50_ms']:.2f} ms, p99 {loaded['p99_ms']:.2f} ms, max "
+            f"{loaded['max_ms']:.1f} ms (n={loaded['n']})")
+        if loaded["load_non2xx"] or loaded["load_socket_errors"]:
+            invalid.append(f"POST load: {loaded['load_non2xx']} non-2xx, "
+                           f"{loaded['load_socket_errors']} socket errors")
         invalid += verify_cached(servers["rainer"].base)
         invalid += verify_cached(servers["rainer_auth"].base, sent=auth)
-        gets = bench_gets(servers, args, token)
+        if not args.only_load:
+            gets = bench_gets(servers, args, token)
         invalid += verify_cached(servers["rainer"].base)
         invalid += verify_cached(servers["rainer_auth"].base, sent=auth)
         for name, r in gets.items():

@@ -19,6 +19,7 @@ connects at import (gunicorn preloads the module in the master and forks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime
@@ -93,19 +94,28 @@ flask_dict = _make_flask_dict()
 
 # ---------------------------------------------------------------- (c), (d) Flask + pymysql
 
-_conn = None
-_conn_pid = None
+_idle: list = []
+_idle_pid = None
 
 
+@contextlib.contextmanager
 def _connection():
-    """One persistent connection per worker process, opened after the fork."""
-    global _conn, _conn_pid
+    """A persistent connection of this worker process (opened after the fork), one per request
+    in flight: under gevent workers many requests of one process run at once, and a pymysql
+    connection serves one at a time (as Rainer's pool hands each request its own)."""
+    global _idle_pid
     import pymysql
 
-    if _conn is None or _conn_pid != os.getpid():
-        _conn = pymysql.connect(autocommit=True, **_mysql_params())
-        _conn_pid = os.getpid()
-    return _conn
+    if _idle_pid != os.getpid():
+        _idle.clear()
+        _idle_pid = os.getpid()
+    conn = _idle.pop() if _idle else pymysql.connect(autocommit=True, **_mysql_params())
+    try:
+        yield conn
+    except BaseException:
+        conn.close()  # in an unknown state: not reused
+        raise
+    _idle.append(conn)
 
 
 def _make_flask_pymysql_get():
@@ -120,7 +130,7 @@ def _make_flask_pymysql_get():
 
     @app.get("/diary/<key>/<int:version>")
     def get(key, version):
-        with _connection().cursor() as cursor:
+        with _connection() as conn, conn.cursor() as cursor:
             cursor.execute(sql, (key.encode("utf-8"), version))
             row = cursor.fetchone()
         if row is None:
@@ -146,10 +156,9 @@ def _make_flask_pymysql_post():
     @app.post("/diary/<key>/<int:version>")
     def post(key, version):
         body = request.get_data()
-        conn = _connection()
         key_bytes = key.encode("utf-8")
-        conn.begin()
-        try:
+        with _connection() as conn:
+            conn.begin()
             with conn.cursor() as cursor:
                 cursor.execute(select, (key_bytes,))
                 head = cursor.fetchone()[0] or 0
@@ -159,9 +168,6 @@ def _make_flask_pymysql_post():
                 mtime = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
                 cursor.execute(insert, (key_bytes, version, "bench", "", mtime, 0, 1, body))
             conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
         return Response(
             json.dumps({"key": key, "version": version}), 200, mimetype="application/json"
         )

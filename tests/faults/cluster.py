@@ -505,6 +505,9 @@ def render_site(site: str, listen_port: int, upstreams: list[int], prefix: Path)
     site = replace_once(r"^\s*listen 80;$", f"    listen 127.0.0.1:{listen_port};", site)
     site = replace_once(r"^\s*listen \[::\]:80;$", "", site)
     site = replace_once(r"server 127\.0\.0\.1:8080;", servers, site)
+    # The micro-cache's directory, which a production host makes (see the site's header).
+    site = replace_once(r"proxy_cache_path /var/cache/nginx/rainer ",
+                        f"proxy_cache_path {prefix / 'cache'} ", site)
     temp_paths = "\n".join(f"    {kind}_temp_path {prefix / kind};"
                            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     user = "user root;\n" if os.geteuid() == 0 else ""
