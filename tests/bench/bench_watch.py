@@ -82,8 +82,10 @@ def seed(db_url: str) -> None:
 
 def env_for(db_url: str, zk_hosts: str | None, worker_class: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
+    # No repeat-read cache of versions: the "DB GET" rows measure the database path under each
+    # worker model (bench_core.py has the cached versioned reads).
     env.update(RAINER_DATABASE_URL=db_url, RAINER_WORKER_CLASS=worker_class,
-               RAINER_PUBLISH_PERIOD="300")
+               RAINER_PUBLISH_PERIOD="300", RAINER_VERSION_CACHE_BYTES="0")
     if zk_hosts:
         env["RAINER_ZK_HOSTS"] = zk_hosts
     return env
