@@ -253,9 +253,12 @@ class RainerContext:
                 period=settings.publish_period,
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
-                # A POST answers once the database has the commit: ZooKeeper is a cache of
-                # it, published by this process's queue (or repaired by the publisher).
-                background_publish=True,
+                # A POST answers once ZooKeeper has the commit too (one compare-and-set from
+                # the mirror's znode version). Publishing from a queue after answering was
+                # faster, but under a partition the fault suite saw an older commit still
+                # queued on one host land after another host had answered that the key was
+                # deleted (and could not reach ZooKeeper to record it): a delete reappearing.
+                background_publish=False,
             )
             # Before the publisher starts, so that no leadership change is missed.
             rainers.report_to(metrics.metrics().zookeeper, mirror)

@@ -5,7 +5,9 @@ failure must never fail a save that the database accepted: it is logged and supp
 elected auto-publisher repairs ZooKeeper within a period.
 
 In the service (``Rainers``) publishing runs off the request's critical path: a save queues its
-commit and returns, and one thread per process publishes the queue in order. The guarantees are
+commit and returns, and one thread per process publishes the queue in order. Tombstones are the
+exception: they are published before the save returns, so a deletion that was acknowledged is
+recorded in ZooKeeper, where it blocks every older commit. The guarantees are
 the keeper's, not the queue's: every write is a compare-and-set, so a queued commit that went
 stale can lose but never roll a key back; a commit lost with its process (a crash, a kill) is
 published by the elected publisher's next pass, as one whose write failed always was.
@@ -66,6 +68,17 @@ class KeeperPublisher:
 
     def __call__(self, commit: Commit) -> None:
         if not self.background:
+            self._publish(commit)
+            return
+        if commit.empty:
+            # A tombstone is published before the save is answered: once a client is told a
+            # key is deleted, ZooKeeper records the deletion (``deleted/<key>``), and no older
+            # commit still queued or in flight anywhere can land on the key after that answer
+            # (the record refuses it). Queued, an older version could have.
+            with self._lock:
+                queued = self._pending.get(commit.key)
+                if queued is not None and queued.version < commit.version:
+                    del self._pending[commit.key]
             self._publish(commit)
             return
         with self._lock:
