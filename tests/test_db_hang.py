@@ -201,3 +201,75 @@ def test_every_phase_of_a_database_call_is_bounded_and_a_hung_database_fails_fas
     [(outcome, took)] = results["pool_wait"]
     assert outcome.startswith("503"), outcome
     assert LIMIT - 0.05 <= took <= LIMIT + margin, took
+
+
+OVERLOAD_CHILD = r"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json
+import sys
+import time
+
+import gevent
+
+from rainer_server.errors import StorageUnavailable
+from rainer_server.storage.db import open_database
+from rainer_server.storage.db import release
+from rainer_server.storage.db import run_on
+
+url, limit = sys.argv[1], float(sys.argv[2])
+database = open_database(url, limit)
+select = lambda: database.execute_sql("SELECT 1").fetchone()  # noqa: E731
+holding = gevent.event.Event()
+results = {}
+
+
+def hold():
+    run_on(database, select)  # and keep the pool's only connection, as a long request does
+    holding.set()
+    gevent.sleep(limit * 3)
+    release(database)
+
+
+def queued():
+    holding.wait()
+    started = time.monotonic()
+    try:
+        run_on(database, select)
+        results["queued"] = "ok"
+    except StorageUnavailable as exc:
+        results["queued"] = f"503: {exc.detail}"
+    finally:
+        release(database)
+    results["queued_s"] = time.monotonic() - started
+    results["hung_after_queued"] = database.hung_since is not None
+
+
+gevent.joinall([gevent.spawn(hold), gevent.spawn(queued)])
+started = time.monotonic()
+run_on(database, select)
+release(database)
+results["after_s"] = time.monotonic() - started
+print("RESULT " + json.dumps(results), flush=True)
+"""
+
+
+def test_waiting_for_a_pooled_connection_is_congestion_not_a_hung_database(mysql_url):
+    # One pooled connection, held by one greenlet past the operation timeout: the greenlet
+    # queued for it gets a 503 of its own, and nothing else changes (a hung database would
+    # turn every later operation into a 503 until a probe answers).
+    separator = "&" if "?" in mysql_url else "?"
+    url = f"{mysql_url}{separator}max_connections=1&timeout=60"
+    out = subprocess.run(
+        [sys.executable, "-c", OVERLOAD_CHILD, url, str(LIMIT)], cwd=ROOT, text=True,
+        capture_output=True, timeout=60,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout + out.stderr
+    results = json.loads(lines[-1][len("RESULT "):])
+    assert results["queued"].startswith("503")
+    assert LIMIT * 0.8 <= results["queued_s"] < LIMIT * 2.5
+    assert results["hung_after_queued"] is False
+    assert results["after_s"] < LIMIT

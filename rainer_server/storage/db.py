@@ -200,6 +200,8 @@ class _CooperativePool:
         # falls back to the pure-Python implementation: two of them per loan.
         self._pool_lock = gevent.lock.RLock()
         self._pool_available = threading.Condition(self._pool_lock)
+        #: Greenlets waiting for a connection to come back to the pool (every one is lent).
+        self.queued: set[Any] = set()
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         state = self._state  # type: ignore[attr-defined]
@@ -222,8 +224,13 @@ class _CooperativePool:
                         "Max connections exceeded, timed out attempting to connect."
                     ) from None
                 available = self._pool_available  # type: ignore[attr-defined]
-                with available:
-                    available.wait(timeout=min(remaining, 1.0))
+                me = gevent.getcurrent()
+                self.queued.add(me)
+                try:
+                    with available:
+                        available.wait(timeout=min(remaining, 1.0))
+                finally:
+                    self.queued.discard(me)
         state.set_connection(conn)
         with peewee.__exception_wrapper__:
             if self.server_version is None:  # type: ignore[attr-defined]
@@ -396,7 +403,9 @@ class _Deadline:
     socket shut down, so the statement fails at once with a lost connection, and so does
     whatever cleanup follows (a ROLLBACK), instead of waiting for a server that reads nothing.
     Either way the database is marked hung (``run_on`` then fails fast, see there) and a
-    greenlet starts finding out when it answers again (``_probe``).
+    greenlet starts finding out when it answers again (``_probe``); except for a greenlet
+    still queued for one of the pool's connections: that is this worker's own congestion (every
+    connection lent), not a sign of the server, and its request alone gets the 503.
     """
 
     __slots__ = ("database", "connection", "expired", "_greenlet", "_timer")
@@ -428,6 +437,9 @@ class _Deadline:
     def _expire(self) -> None:
         self.expired = True
         database = self.database
+        if self._greenlet in database.queued:
+            self._greenlet.throw(_Expired())
+            return
         if database.hung_since is None:
             database.hung_since = time.monotonic()
         if database.prober is None or database.prober.dead:
