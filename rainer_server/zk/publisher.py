@@ -138,14 +138,7 @@ def publish_heads(
             ):
                 counts.unchanged += 1
                 continue
-        if not may_write():
-            counts.aborted = True
-            log.warning("Stopped publishing commits: no longer leader or connected")
-            return
-        if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
-            # Connected but not answering: each key would wait out the keeper's timeout.
-            counts.aborted = True
-            log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+        if _stopping(may_write, failures_in_a_row, counts):
             return
         try:
             result = _save(keeper, key, commit, lock_head)
@@ -218,13 +211,7 @@ def publish_heads_batched(
     work.sort()
     failures_in_a_row = 0
     for start in range(0, len(work), batch_keys):
-        if not may_write():
-            counts.aborted = True
-            log.warning("Stopped publishing commits: no longer leader or connected")
-            return
-        if failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
-            counts.aborted = True
-            log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+        if _stopping(may_write, failures_in_a_row, counts):
             return
         batch = work[start : start + batch_keys]
         try:
@@ -346,6 +333,22 @@ def _save(
         return keeper.save(commit)
     with lock_head(key) as head:
         return keeper.save(commit if head is None else head)
+
+
+def _stopping(
+    may_write: Callable[[], bool], failures_in_a_row: int, counts: PublishCounts
+) -> bool:
+    """Whether a pass must stop before its next write (and says why, once): no longer leader
+    or connected, or connected but not answering, where each key would wait out the keeper's
+    timeout."""
+    if not may_write():
+        log.warning("Stopped publishing commits: no longer leader or connected")
+    elif failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+        log.warning("Stopped publishing commits: ZooKeeper keeps failing")
+    else:
+        return False
+    counts.aborted = True
+    return True
 
 
 def _recorded(deleted: Mapping[str, Commit] | None, key: str, version: int) -> bool:
