@@ -44,7 +44,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent.parent
 sys.path.insert(0, str(BENCH))
 
-from keeper_support import CpuWatch  # noqa: E402  (after the path set-up)
+from bench_scale import ROWS as SCALE_ROWS  # noqa: E402  (after the path set-up)
+from keeper_support import CpuWatch  # noqa: E402
 
 #: Background CPU (percent of all CPUs, sampled while none of ours runs) above which a run is
 #: disturbed: its figures may be others' noise.
@@ -139,71 +140,42 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
         in_process = r["scenario"].startswith("in-process")
         value, unit = (r["p50_ms"], "ms") if in_process else (r["rps"], "req/s")
         floor = _find_floor(by_name, r.get("floor"))
-        rows.append({
-            "section": "core",
-            "figure": r["scenario"],
-            "value": value,
-            "unit": unit,
-            "floor": None if floor is None else (floor["p50_ms"] if in_process else floor["rps"]),
-            "floor_name": r.get("floor"),
-            "ratio": r.get("ratio"),
-            "target": r.get("target") or "",
-            "result": r.get("verdict") or "",
-        })
+        rows.append(_row(
+            "core", r["scenario"], value, unit,
+            None if floor is None else (floor["p50_ms"] if in_process else floor["rps"]),
+            r.get("floor"), r.get("ratio"), r.get("target"), r.get("verdict"),
+        ))
     for r in results.get("keeper", {}).get("table", []):
-        rows.append({
-            "section": "keeper",
-            "figure": r["scenario"].strip(),
-            "value": r["value"],
-            "unit": r["unit"],
-            "floor": r.get("floor"),
-            "floor_name": r.get("note") or "",
-            "ratio": r.get("ratio"),
-            "target": r.get("target") or "",
-            "result": "" if r.get("verdict") == "info" else r.get("verdict", ""),
-        })
+        rows.append(_row(
+            "keeper", r["scenario"].strip(), r["value"], r["unit"], r.get("floor"),
+            r.get("note"), r.get("ratio"), r.get("target"),
+            "" if r.get("verdict") == "info" else r.get("verdict"),
+        ))
     scale = results.get("scale", [])
-    from bench_scale import ROWS as SCALE_ROWS
-
     for label, name, unit in SCALE_ROWS:
         for r in scale:
             if r.get(name) is not None:
-                rows.append({
-                    "section": f"scale {r['scenario']}",
-                    "figure": label,
-                    "value": r[name],
-                    "unit": unit,
-                    "floor": None,
-                    "floor_name": "",
-                    "ratio": None,
-                    "target": "",
-                    "result": "",
-                })
+                rows.append(_row(f"scale {r['scenario']}", label, r[name], unit))
     for r in results.get("watch", []):
-        rows.append({
-            "section": r["section"],
-            "figure": r["figure"],
-            "value": r["value"],
-            "unit": r["unit"],
-            "floor": r.get("floor"),
-            "floor_name": r.get("note") or "",
-            "ratio": r.get("ratio"),
-            "target": r.get("target") or "",
-            "result": r.get("result") or "",
-        })
+        rows.append(_row(
+            r["section"], r["figure"], r["value"], r["unit"], r.get("floor"), r.get("note"),
+            r.get("ratio"), r.get("target"), r.get("result"),
+        ))
     for r in results.get("edge", {}).get("table", []):
-        rows.append({
-            "section": "edge",
-            "figure": r["scenario"],
-            "value": r["rps"],
-            "unit": "req/s",
-            "floor": r.get("floor_rps"),
-            "floor_name": r.get("against") or "",
-            "ratio": r.get("ratio"),
-            "target": r.get("target") or "",
-            "result": r.get("verdict") or "",
-        })
+        rows.append(_row(
+            "edge", r["scenario"], r["rps"], "req/s", r.get("floor_rps"), r.get("against"),
+            r.get("ratio"), r.get("target"), r.get("verdict"),
+        ))
     return rows
+
+
+def _row(section: str, figure: str, value: float | None, unit: str, floor: float | None = None,
+         floor_name: str | None = None, ratio: float | None = None, target: str | None = None,
+         result: str | None = None) -> dict:
+    """One row of the table, the same keys whichever benchmark it comes from."""
+    return {"section": section, "figure": figure, "value": value, "unit": unit, "floor": floor,
+            "floor_name": floor_name or "", "ratio": ratio, "target": target or "",
+            "result": result or ""}
 
 
 def _find_floor(rows: dict[str, dict], name: str | None) -> dict | None:
