@@ -17,6 +17,7 @@ from rainer_server.commit import Commit
 from rainer_server.errors import CommitOrderingError
 from rainer_server.storage.db import DbCommitStorage
 from rainer_server.storage.db import open_database
+from tests.conftest import make_storage
 from tests.storage_contract import T0
 from tests.storage_contract import commit
 
@@ -227,3 +228,38 @@ def test_a_journal_row_keeps_its_chain_value_with_an_index(db_storage):
     assert kept.index == 1 and kept.identity == "alice"
     assert list(db_storage.verify()) == []
     assert GENESIS == ""
+
+
+@pytest.fixture
+def mysql_storage(request, tmp_path):
+    return make_storage("mysql", tmp_path, request)
+
+
+@pytest.mark.mysql
+def test_a_save_with_the_counter_row_gone_is_kept_numbered_and_puts_the_counter_back(
+    mysql_storage,
+):
+    # A save's packet commits even when its counter UPDATE matched nothing: the row must be
+    # numbered after the rest, never given the connection's previous index.
+    storage = mysql_storage
+    storage.save(commit("a", 1))
+    storage.save(commit("b", 1))
+    storage.database.execute_sql(f"DELETE FROM `{storage.table_name}_index`")
+    kept = storage.save(commit("a", 2))
+    assert kept.index == 3
+    assert [(c.key, c.version, c.index) for c in storage.changes(0)] == [
+        ("a", 1, 1), ("b", 1, 2), ("a", 2, 3),
+    ]
+    assert storage.save(commit("c", 1)).index == 4
+    assert list(storage.verify()) == []
+
+
+@pytest.mark.mysql
+def test_a_refused_mysql_save_leaves_no_transaction_open(mysql_storage):
+    storage = mysql_storage
+    storage.save(commit("a", 1))
+    for late in (commit("a", 1), commit("a", 3)):  # the unique index, the retiring UPDATE
+        with pytest.raises(CommitOrderingError):
+            storage.save(late)
+        assert not storage.database.connection().server_status & 0x0001  # SERVER_STATUS_IN_TRANS
+    assert storage.save(commit("a", 2)).index == 2

@@ -33,6 +33,7 @@ import gevent
 import gevent.lock
 import peewee
 import pymysql.connections
+from pymysql.constants import CLIENT
 from peewee import BooleanField
 from peewee import Field
 from peewee import IntegerField
@@ -151,6 +152,10 @@ def open_database(
     extra = {k: v for k, v in _DEFAULT_PARAMS[family].items() if k not in given}
     if family == "sqlite":
         extra["pragmas"] = _SQLITE_PRAGMAS
+    else:
+        # A save sends its statements as one packet (DbCommitStorage._insert_mysql). Every
+        # value in them is escaped by PyMySQL as in any single statement.
+        extra["client_flag"] = int(given.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
     try:
         database = connect(url, **extra)
     except RuntimeError as exc:  # peewee's "unrecognized scheme"
@@ -666,6 +671,25 @@ class DbCommitStorage:
             # LAST_INSERT_ID(expr) hands the new value back in the OK packet: no extra query.
             "next_index_mysql": f"UPDATE {counter} SET n = LAST_INSERT_ID(n + 1) WHERE id = 1",
         }
+        if not self._is_sqlite:
+            # A MySQL save in at most two round trips, each one multi-statement packet: the
+            # server runs a packet's statements back to back, so the counter's row lock lives
+            # from its UPDATE to the COMMIT of the same packet, never across a client's round
+            # trip or a busy worker's scheduling, and concurrent saves share the log flush.
+            # The INSERT takes its index from that UPDATE; NULL if the UPDATE matched no row
+            # (LAST_INSERT_ID() would hand back this connection's previous index), and _save
+            # then numbers it as start() does.
+            insert_sql = _sql(row.insert({
+                **{getattr(row, name): None for name in _INSERT_COLUMNS[:-1]},
+                row.commit_index: SQL("IF(ROW_COUNT() = 1, LAST_INSERT_ID(), NULL)"),
+            }))
+            numbered_insert = f"{self._sql['next_index_mysql']}; {insert_sql}; COMMIT"
+            self._sql.update({
+                "begin_retire_chain":
+                    f"BEGIN; {self._sql['retire_head']}; {self._sql['chain_of']}",
+                "numbered_insert": numbered_insert,
+                "begin_numbered_insert": f"BEGIN; {numbered_insert}",
+            })
         feed = row.select(*self._fields).where(row.commit_index > 0)
         self._feed_sql = {
             False: _sql(feed.order_by(row.commit_index).limit(1)),
@@ -1074,36 +1098,89 @@ class DbCommitStorage:
         return self._run(attempt)
 
     def _insert(self, commit: Commit) -> Commit:
+        if not self._is_sqlite:
+            return self._insert_mysql(commit)
         execute = self.database.execute_sql
         key = commit.key.encode("utf-8")
-        # SQLite: BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
-        # busy handler instead of both reading, then one failing with "database is locked".
-        # MySQL: no SELECT ... FOR UPDATE (it deadlocks on new keys under REPEATABLE READ); the
-        # retiring UPDATE is the version check, and for version 1 the unique index is.
-        with self.database.atomic(**({"lock_type": "IMMEDIATE"} if self._is_sqlite else {})):
+        # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the busy
+        # handler instead of both reading, then one failing with "database is locked"; it
+        # also orders the writers, so the next index is read in it.
+        with self.database.atomic(lock_type="IMMEDIATE"):
             previous = GENESIS
             if commit.version > 1:
                 retired = execute(self._sql["retire_head"], (False, True, key, commit.version - 1))
                 if retired.rowcount != 1:
                     raise _NotNextVersion()
-                # The retiring UPDATE locked that row: its chain cannot change under us.
                 found = execute(self._sql["chain_of"], (key, commit.version - 1)).fetchone()
                 previous = (found[0] if found else None) or GENESIS
-            # Last before the INSERT: on MySQL the counter's row lock is held from here to
-            # COMMIT, and every commit queues on it, so it is held as briefly as possible.
-            if self._is_sqlite:
-                index = execute(self._sql["next_index_sqlite"]).fetchone()[0]
-            else:
-                counted = execute(self._sql["next_index_mysql"])
-                if counted.rowcount != 1:
-                    raise StorageUnavailable(UNAVAILABLE)  # start() makes the row; someone removed it
-                index = counted.lastrowid
+            index = execute(self._sql["next_index_sqlite"]).fetchone()[0]
             execute(self._sql["insert"], (
                 key, commit.version, commit.author, commit.comment,
                 self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
                 commit.identity, link(previous, commit), index,
             ))
         return commit.with_deserialization(self.deserialization).with_index(index)
+
+    def _insert_mysql(self, commit: Commit) -> Commit:
+        # No SELECT ... FOR UPDATE (it deadlocks on new keys under REPEATABLE READ): the
+        # retiring UPDATE is the version check, and for version 1 the unique index is.
+        key = commit.key.encode("utf-8")
+        cursor = self.database.cursor()
+        try:
+            with peewee.__exception_wrapper__:
+                previous = GENESIS
+                if commit.version > 1:
+                    cursor.execute(
+                        self._sql["begin_retire_chain"],
+                        (False, True, key, commit.version - 1, key, commit.version - 1),
+                    )
+                    cursor.nextset()  # past BEGIN's reply, to the retiring UPDATE's
+                    retired = cursor.rowcount
+                    cursor.nextset()
+                    # The retiring UPDATE locked that row: its chain cannot change under us.
+                    found = cursor.fetchone()
+                    if retired != 1:
+                        raise _NotNextVersion()
+                    previous = (found[0] if found else None) or GENESIS
+                    sql = self._sql["numbered_insert"]
+                else:
+                    sql = self._sql["begin_numbered_insert"]
+                cursor.execute(sql, (
+                    key, commit.version, commit.author, commit.comment,
+                    self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
+                    commit.identity, link(previous, commit),
+                ))
+                if commit.version == 1:
+                    cursor.nextset()  # past BEGIN's reply
+                counted, index = cursor.rowcount, cursor.lastrowid
+                while cursor.nextset():  # the INSERT's and the COMMIT's replies
+                    pass
+        except BaseException:
+            self._roll_back(cursor)
+            raise
+        if counted != 1:
+            # Stored, with no index: the counter row is gone (start() makes it). Number the
+            # row as start() does, which puts the counter back.
+            log.error("The commit index counter of %s was missing; numbering %s version %s",
+                      self.table_name, commit.key, commit.version)
+            self._migrate_locked()
+            row = self.database.execute_sql(
+                self._sql["get_version"], (key, commit.version)
+            ).fetchone()
+            index = self._to_commit(row).index
+        return commit.with_deserialization(self.deserialization).with_index(index)
+
+    def _roll_back(self, cursor: Any) -> None:
+        """End the transaction a failed save left open (a failed statement of a multi-statement
+        packet ends the packet, so its COMMIT never ran)."""
+        connection = cursor.connection
+        if connection is None or not connection.open:
+            return
+        try:
+            if connection.server_status & 0x0001:  # SERVER_STATUS_IN_TRANS
+                connection.rollback()
+        except Exception:  # the connection is broken; run_on discards it
+            log.debug("Rollback after a failed save failed", exc_info=True)
 
     def _ordering_error(self, commit: Commit) -> CommitOrderingError:
         head = self.get(commit.key)
