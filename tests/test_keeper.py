@@ -581,3 +581,92 @@ def test_mirror_follows_existing_keys_after_a_connection_drop_that_keeps_the_ses
         for c in (client, other):
             c.stop()
             c.close()
+
+
+# ---------------------------------------------------------------- combined compare-and-sets
+
+
+def _queued_saves(keeper, client, saves):
+    """Run ``keeper.save(commit, known)`` for each of ``saves`` on its own thread while a
+    transaction is (as far as the combiner knows) in flight, so that every set queues; then
+    let the first queued one send. Returns the results and the transactions committed."""
+    import threading
+
+    sent = []
+    real_transaction = client.transaction
+
+    def counting_transaction():
+        transaction = real_transaction()
+        sent.append(transaction)
+        return transaction
+
+    combiner = keeper._sets
+    results: dict[str, object] = {}
+
+    def save(commit, known):
+        try:
+            results[commit.key] = keeper.save(commit, known=known)
+        except Exception as exc:  # reported by the assertions
+            results[commit.key] = exc
+
+    with combiner._lock:
+        combiner._sending = True  # another save's transaction "in flight"
+    client.transaction = counting_transaction
+    try:
+        threads = [threading.Thread(target=save, args=item) for item in saves]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(combiner._queue) == len(saves), what="every set queued")
+        with combiner._lock:  # that transaction is answered: the first queued sends next
+            combiner._queue[0].leads = True
+            combiner._queue[0].wake.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        client.transaction = real_transaction
+    return results, sent
+
+
+def test_concurrent_updates_are_sent_as_one_transaction(keeper, client):
+    keys = [f"k{i}" for i in range(5)]
+    for key in keys:
+        keeper.save(make_commit(key, 1))
+    saves = [
+        (make_commit(key, 2, b'{"s":"two"}'), (make_commit(key, 1), client.exists(keeper.znode(key)).version))
+        for key in keys
+    ]
+    results, sent = _queued_saves(keeper, client, saves)
+    assert results == {key: SaveResult.UPDATED for key in keys}
+    assert len(sent) == 1 and len(sent[0].operations) == len(keys)
+    for key in keys:
+        data, _ = client.get(keeper.znode(key))
+        assert b'{"s":"two"}' in data
+    assert not keeper._sets._sending and not keeper._sets._queue
+
+
+def test_a_lost_set_in_a_combined_transaction_costs_the_others_nothing(keeper, client, other):
+    keys = ["a", "b", "c"]
+    for key in keys:
+        keeper.save(make_commit(key, 1))
+    known = {key: (make_commit(key, 1), client.exists(keeper.znode(key)).version) for key in keys}
+    # Someone else moved "b" on since our mirror read it: its compare-and-set must fail.
+    other.set(f"{BASE}/data/b", client.get(keeper.znode("b"))[0])
+    saves = [(make_commit(key, 2, b'{"s":"two"}'), known[key]) for key in keys]
+    results, sent = _queued_saves(keeper, client, saves)
+    # "b" is decided again on fresh reads; "a" and "c", rolled back with it, are sent alone.
+    assert results == {key: SaveResult.UPDATED for key in keys}
+    assert len(sent[0].operations) == 3 and len(sent) == 4
+    for key in keys:
+        assert b'{"s":"two"}' in client.get(keeper.znode(key))[0]
+
+
+def test_a_queued_set_gives_up_at_its_deadline_and_leaves_the_queue(keeper, client):
+    keeper.save(make_commit("a", 1))
+    combiner = keeper._sets
+    with combiner._lock:
+        combiner._sending = True  # a transaction that never returns
+    started = time.monotonic()
+    with pytest.raises(KeeperError):
+        combiner.set(keeper.znode("a"), b"x", 0, time.monotonic() + 0.2)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert combiner._queue == []

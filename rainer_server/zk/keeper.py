@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -138,6 +139,7 @@ class CommitKeeper:
         #: connection lost): ZooKeeper may now hold less than the storage, or a write whose
         #: outcome is unknown may still land. ``zk.repair.DriftRepair`` re-checks such keys.
         self.suspect_listeners: list[Callable[[str], object]] = []
+        self._sets = _SetCombiner(self)
 
     def __repr__(self) -> str:
         return f"CommitKeeper({self.base_path!r})"
@@ -305,14 +307,16 @@ class CommitKeeper:
         if known is not None:
             existing, znode_version = known
             if not commit.empty and existing.key == key and commit.version > existing.version:
+                payload = self._serialize(commit)
                 try:
-                    self._transact(
-                        [("set", path, self._serialize(commit), znode_version)],
-                        deadline,
-                        commit,
-                        existing,
-                    )
-                except LostCompareAndSet:
+                    try:
+                        self._sets.set(path, payload, znode_version, deadline)
+                    except _RolledBack:
+                        # Another save's set failed in the same transaction: this one alone.
+                        self._transact(
+                            [("set", path, payload, znode_version)], deadline, commit, existing
+                        )
+                except (LostCompareAndSet, BadVersionError, NoNodeError):
                     log.debug("Mirror behind on %s: reading the znode to publish it", key)
                 else:
                     log.debug(
@@ -733,6 +737,125 @@ class _Record:
         if self.data is None:
             return [("create", self.path, b""), ("delete", self.path, -1)]
         return [("delete", self.path, self.stat.version)]
+
+
+class _RolledBack(Exception):
+    """A combined set that was not applied because another set of its transaction failed."""
+
+
+class _PendingSet:
+    __slots__ = ("path", "payload", "version", "deadline", "wake", "leads", "finished", "error")
+
+    def __init__(self, path: str, payload: bytes, version: int, deadline: float) -> None:
+        self.path = path
+        self.payload = payload
+        self.version = version
+        self.deadline = deadline
+        #: Set when the set is answered (``finished``) or its saver is to send (``leads``).
+        self.wake = threading.Event()
+        self.leads = False
+        self.finished = False
+        self.error: BaseException | None = None
+
+
+class _SetCombiner:
+    """The compare-and-sets of a process's concurrent saves, sent as one transaction.
+
+    Group commit, as a database does for its log: the first save finding no transaction in
+    flight sends its set at once; saves arriving meanwhile queue, and when that transaction
+    is answered the first of them sends every queued set in one. ZooKeeper then makes one
+    proposal and one log write for the lot instead of one each (a third of a POST's CPU on a
+    busy machine went to ZooKeeper itself), and nothing waits for a timer. A transaction is
+    all or nothing: the set that failed gets its error, the others ``_RolledBack`` (their
+    saves send them alone).
+    """
+
+    #: Sets per transaction; their bytes are bounded by ``_BATCH_BYTES`` too.
+    MAX_SETS = 100
+
+    def __init__(self, keeper: CommitKeeper) -> None:
+        self.keeper = keeper
+        self._lock = threading.Lock()
+        self._queue: list[_PendingSet] = []
+        # Whether a saver is sending (or was just made the next sender): the queue then
+        # waits for it, never for nobody.
+        self._sending = False
+
+    def set(self, path: str, payload: bytes, version: int, deadline: float) -> None:
+        """Set ``path`` to ``payload`` if its stat version is ``version``.
+
+        :raises BadVersionError: or ``NoNodeError``: the compare-and-set was lost.
+        :raises _RolledBack: another set of the same transaction failed; this one was not made.
+        :raises KeeperError: ZooKeeper did not answer in time, or is not connected.
+        """
+        pending = _PendingSet(path, payload, version, deadline)
+        with self._lock:
+            self._queue.append(pending)
+            if not self._sending:
+                self._sending = pending.leads = True
+        if not pending.leads and not pending.wake.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                gave_up = not pending.leads and not pending.finished
+                if gave_up:
+                    self._queue.remove(pending)
+            if gave_up:
+                raise KeeperError(f"ZooKeeper did not answer within {self.keeper.timeout} s")
+        if not pending.finished:
+            self._send()  # this saver leads: its set is first in the queue
+        if pending.error is not None:
+            raise pending.error
+
+    def _send(self) -> None:
+        batch: list[_PendingSet] = []
+        with self._lock:
+            size = 0
+            while self._queue and len(batch) < self.MAX_SETS:
+                size += len(self._queue[0].payload) + len(self._queue[0].path)
+                if batch and size > _BATCH_BYTES:
+                    break
+                batch.append(self._queue.pop(0))
+        try:
+            self._apply(batch)
+        except BaseException as exc:  # every saver of the batch must be answered
+            for pending in batch:
+                if pending.error is None:
+                    pending.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._lock:
+                for pending in batch:
+                    pending.finished = True
+                    pending.wake.set()
+                if self._queue:
+                    self._queue[0].leads = True
+                    self._queue[0].wake.set()
+                else:
+                    self._sending = False
+
+    def _apply(self, batch: list[_PendingSet]) -> None:
+        keeper = self.keeper
+        deadline = min(pending.deadline for pending in batch)
+        transaction = keeper.client.transaction()
+        for pending in batch:
+            transaction.set_data(pending.path, pending.payload, pending.version)
+        if not keeper.client.connected:
+            # As in CommitKeeper._transact: kazoo would queue it and send it much later.
+            raise KeeperError(f"Not connected to ZooKeeper (state {keeper.client.state})")
+        try:
+            results = keeper.wait_for(transaction.commit_async(), deadline)
+        except KeeperError:
+            keeper._defuse(transaction)
+            raise
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, (RolledBackError, RuntimeInconsistency)):
+                pending.error = _RolledBack()
+            elif isinstance(result, BadArgumentsError):
+                pending.error = _refused_name(result)
+            elif isinstance(result, (BadVersionError, NoNodeError)):
+                pending.error = result
+            elif isinstance(result, Exception):
+                pending.error = KeeperError(f"ZooKeeper error: {result!r}")
 
 
 class _DeletionRecords:

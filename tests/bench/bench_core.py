@@ -425,21 +425,30 @@ def probe(base: str, method: str, path: str) -> tuple[int, bytes]:
 # percentage of all CPUs ("bg%"), so a disturbed figure can be recognised as such.
 
 
-def _database_pids() -> list[int]:
+def _service_pids() -> list[int]:
+    """The database server's and ZooKeeper's processes: part of what a POST costs, never
+    background load (the ZooKeeper scenarios would otherwise look disturbed by their own
+    ZooKeeper)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() in ("mariadbd", "mysqld"):
-                        pids.append(int(entry))
+                    comm = f.read().strip()
+                if comm == "java":
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if b"zookeeper" not in f.read().lower():
+                            continue
+                elif comm not in ("mariadbd", "mysqld"):
+                    continue
+                pids.append(int(entry))
             except OSError:
                 pass
     return pids
 
 
 def _our_cpu(masters: list[int], database: list[int]) -> float:
-    """CPU seconds of the gunicorn masters, their workers and the database server."""
+    """CPU seconds of the gunicorn masters, their workers and the services (``_service_pids``)."""
     wanted = set(masters)
     total = 0.0
     for entry in os.listdir("/proc"):
@@ -455,7 +464,7 @@ def _our_cpu(masters: list[int], database: list[int]) -> float:
 class CpuWatch:
     def __init__(self, masters: list[int]) -> None:
         self.masters = masters
-        self.database = _database_pids()
+        self.database = _service_pids()
 
     def __enter__(self):
         self.t0 = time.monotonic()
