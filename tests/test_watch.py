@@ -352,3 +352,39 @@ def test_a_waiter_registered_before_the_hub_starts_wakes_for_a_commit_before_it_
     finally:
         hub.unregister(waiter)
         hub.stop()
+
+
+@pytest.mark.zookeeper
+def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
+    db_storage, zk_chroot, monkeypatch
+):
+    """While nobody waits the hub reads the feed in batches (``IDLE_BATCH``); an answer built
+    from the mirror claims the hub's index, and must not claim less than the mirror shows
+    because the hub is pausing."""
+    from rainer_server.web import watch
+    from rainer_server.web.watch import WatchHub
+    from rainer_server.zk.keeper import CommitKeeper
+    from tests.storage_contract import commit
+    from tests.zk_support import started_client
+
+    monkeypatch.setattr(watch, "IDLE_BATCH", 600.0)  # the hub's thread reads nothing more
+    clients = started_client(zk_chroot)
+    client = next(clients)
+    keeper = CommitKeeper(client, "/hub")
+    mirror = keeper.mirror()
+    hub = WatchHub(db_storage, mirror, poll_interval=600.0)
+    try:
+        hub.start()
+        assert hub.wait_ready(10)
+        hub.mirror_index()  # the hub's own first pass may still be reading: wait it out
+        for version in (1, 2):
+            kept = db_storage.save(commit("k", version))
+            keeper.save(kept)
+            wait_until(lambda v=version: mirror.current.get("k") is not None
+                       and mirror.current["k"].version == v, what="the mirror")
+            assert hub.mirror_index() == kept.index
+            assert hub.head_index("k", version) == kept.index
+    finally:
+        hub.stop()
+        mirror.close()
+        next(clients, None)

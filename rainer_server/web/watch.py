@@ -92,6 +92,10 @@ class WatchHub:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._registered = threading.Event()
+        # Whether anything changed since the feed was last read, and who reads it: the hub's
+        # thread, or an answer that needs the index now (``_caught_up``).
+        self._changed = False
+        self._reading = threading.Lock()
         self._thread: threading.Thread | None = None
         self._key_waiters: dict[str, set[Waiter]] = {}
         self._other_waiters: set[Waiter] = set()
@@ -144,6 +148,7 @@ class WatchHub:
 
     def poke(self, *_args: object) -> None:
         """Something changed (the mirror, a save here): read the feed now."""
+        self._changed = True
         self._poke.set()
 
     def _run(self) -> None:
@@ -208,13 +213,25 @@ class WatchHub:
     # ------------------------------------------------------------------ the feed
 
     def _catch_up(self) -> None:
-        while True:
-            page = self.storage.changes(self.index, FEED_PAGE)
-            if not page:
-                return
-            self._announce(page)
-            if len(page) < FEED_PAGE:
-                return
+        with self._reading:
+            self._changed = False
+            while True:
+                page = self.storage.changes(self.index, FEED_PAGE)
+                if not page:
+                    return
+                self._announce(page)
+                if len(page) < FEED_PAGE:
+                    return
+
+    def _caught_up(self) -> None:
+        """Read the feed now if anything changed since the last read: an answer is about to
+        claim the hub's index, and the hub may be pausing (``IDLE_BATCH``)."""
+        if not self._changed or not self._ready.is_set():
+            return
+        try:
+            self._catch_up()
+        except RainerError:
+            pass  # the database is down: the index as last read, which the mirror shows
 
     def _announce(self, commits: list[Commit]) -> None:
         woken: list[Waiter] = []
@@ -234,16 +251,19 @@ class WatchHub:
                     if waiter.concerns(commit):
                         woken.append(waiter)
         if self.mirror is not None:
-            self._on_view(self.mirror.current)
+            self._forget_mirrored(self.mirror.current)
         for waiter in woken:
             waiter.event.set()
 
     def _on_view(self, view: Mapping[str, Commit]) -> None:
         # On kazoo's thread (a mirror subscriber): in-memory work only, then poke the loop.
+        self._forget_mirrored(view)
+        self.poke()
+
+    def _forget_mirrored(self, view: Mapping[str, Commit]) -> None:
         with self._lock:
             for key in [k for k, head in self._unmirrored.items() if _shows(view, k, head)]:
                 del self._unmirrored[key]
-        self._poke.set()
 
     # ------------------------------------------------------------------ what answers read
 
@@ -253,6 +273,7 @@ class WatchHub:
         ``None``: answer from the database."""
         if not self._ready.is_set():
             return None
+        self._caught_up()
         with self._lock:
             return None if self._unmirrored else self.index
 
