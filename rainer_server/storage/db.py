@@ -1095,7 +1095,14 @@ class DbCommitStorage:
                     raise
             raise AssertionError("unreachable")
 
-        return self._run(attempt)
+        kept = self._run(attempt)
+        # What follows a save may wait long (its publishing to ZooKeeper): under gevent the
+        # connection goes back to the pool now, not when the request ends, so the pool is
+        # sized by database work alone. Under load with ZooKeeper, POSTs holding theirs
+        # through the publish made others wait past the database timeout: 503s.
+        if not self.database.in_transaction():
+            release(self.database)
+        return kept
 
     def _insert(self, commit: Commit) -> Commit:
         if not self._is_sqlite:
