@@ -546,3 +546,32 @@ def test_random_garbage_never_makes_a_server_error(client):
         ):
             assert response.status_code < 500, (key, version, headers, body, response.data)
             assert b"Traceback" not in response.data
+
+
+def test_versioned_reads_answer_without_flask_exactly_as_flask_does(client, app):
+    # GET /<key>/<version> is answered by the WSGI fast path (rainer.web.middleware); with a
+    # query string, Flask answers. Both must be the same answer.
+    assert post(client, "k", 1, b'{"a":1}').status_code == 200
+    assert post(client, "k", 2, '{"a":"\u00e9"}'.encode()).status_code == 200
+    view = app.view_functions["rainer.get_version"]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return view(*args, **kwargs)
+
+    app.view_functions["rainer.get_version"] = counted
+    for version in (1, 2):
+        fast = client.get(f"/diary/k/{version}")
+        assert calls == []
+        flask = client.get(f"/diary/k/{version}?via=flask")
+        assert len(calls) == 1
+        calls.clear()
+        assert fast.status_code == flask.status_code == 200
+        assert fast.data == flask.data
+        assert sorted(fast.headers.items()) == sorted(flask.headers.items())
+    # What it leaves to Flask, which says why.
+    assert_error(client.get("/diary/k/3"), 404, "Key not found")
+    assert client.get("/diary/k/01").status_code == 400
+    assert client.get("/diary/%FF/1").status_code == 400
+    assert client.get("/diary/k/meta").status_code == 200  # a route, not a version

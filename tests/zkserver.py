@@ -80,6 +80,17 @@ JVM_OPTS = (
     "-Dzookeeper.jmx.log4j.disable=true",
 )
 
+#: A ZooKeeper as deployed, for benchmarks (``--production``): the JVM's default collector and
+#: full JIT, a heap for 100k znodes and their watches, and an fsync per log write. The tests'
+#: options above start faster and cost more CPU per request (C1 code only): a benchmark of
+#: writes with ZooKeeper measured against them charged that to Rainer.
+PRODUCTION_JVM_OPTS = (
+    "-Xms512m",
+    "-Xmx1g",
+    "-Djava.awt.headless=true",
+    "-Dzookeeper.jmx.log4j.disable=true",
+)
+
 PID_FILE = "zk.pid"
 PORT_FILE = "zk.port"
 
@@ -162,7 +173,8 @@ class ZooKeeperServer:
 
     def __init__(self, data_dir, port: int | None = None, *, tick_time: int = 500,
                  min_session_timeout: int = 1000, max_session_timeout: int = 60000,
-                 detached: bool = False):
+                 detached: bool = False, production: bool = False):
+        self.production = production
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.tick_time = tick_time
@@ -214,9 +226,9 @@ class ZooKeeperServer:
                 "maxClientCnxns=0",
                 "admin.enableServer=false",
                 "4lw.commands.whitelist=*",
-                # Durable across process restarts (the page cache survives);
-                # skipping fsync keeps writes fast.
-                "forceSync=no",
+                # Tests: durable across process restarts (the page cache survives), and
+                # skipping fsync keeps writes fast. As deployed (benchmarks): synced.
+                f"forceSync={'yes' if self.production else 'no'}",
                 "autopurge.snapRetainCount=3",
                 "autopurge.purgeInterval=0",
                 "",
@@ -229,7 +241,7 @@ class ZooKeeperServer:
     def command(self) -> list[str]:
         return [
             java_executable(),
-            *JVM_OPTS,
+            *(PRODUCTION_JVM_OPTS if self.production else JVM_OPTS),
             f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}",
             f"-Dzookeeper.log.dir={self.data_dir}",
             "-cp", classpath(),
@@ -324,7 +336,7 @@ def _is_our_zk(pid: int) -> bool:
     return state != "Z" and MAIN_CLASS.encode() in cmdline
 
 
-def cli_start(directory: Path, port: int | None, timeout: float) -> int:
+def cli_start(directory: Path, port: int | None, timeout: float, production: bool = False) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     pid_file = directory / PID_FILE
     port_file = directory / PORT_FILE
@@ -337,7 +349,7 @@ def cli_start(directory: Path, port: int | None, timeout: float) -> int:
             print(f"127.0.0.1:{port}")
             return 0
         pid_file.unlink()
-    server = ZooKeeperServer(directory, port=port, detached=True)
+    server = ZooKeeperServer(directory, port=port, detached=True, production=production)
     try:
         server.start(timeout=timeout)
     except RuntimeError as e:
@@ -380,10 +392,12 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=None,
                    help="client port (default: a free one, reused on restart)")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--production", action="store_true",
+                   help="JVM and fsync settings as deployed (benchmarks), not the tests' fast start")
     args = p.parse_args(argv)
     directory = args.dir.resolve()
     if args.action == "start":
-        return cli_start(directory, args.port, args.timeout)
+        return cli_start(directory, args.port, args.timeout, args.production)
     return cli_stop(directory)
 
 

@@ -17,6 +17,10 @@ from urllib.parse import unquote_to_bytes
 from flask import Flask
 
 from rainer_server.commit import Commit
+from rainer_server.commit import parse_canonical_version
+from rainer_server.commit import validate_key
+from rainer_server.errors import InvalidCommit
+from rainer_server.errors import RainerError
 from rainer_server.headers import commit_headers
 from rainer_server.metrics import metrics
 from rainer_server.web.context import RainerContext
@@ -138,14 +142,17 @@ def edge_headers(shared: bool) -> list[tuple[str, str]]:
 
 
 class MirrorReads:
-    """WSGI middleware: answers ``GET <prefix>/<key>`` from the mirror without Flask.
+    """WSGI middleware: answers ``GET <prefix>/<key>`` from the mirror, and
+    ``GET <prefix>/<key>/<version>`` from the version cache or the journal, without Flask.
 
     A cluster's most frequent request, a process reading its configuration, needs a dict
     lookup and prebuilt headers; Flask's request machinery (context, routing, response
-    object) costs several times that. Everything else goes to Flask unchanged: other methods,
-    query strings, keys the mirror lacks (and invalid ones), and every request of an app with
-    request hooks (``before_request``, ``after_request``, ``teardown_request``), which must
-    see all requests. The answer is the one ``get_head`` gives, headers included.
+    object) costs several times that, and a third of a versioned read from the database.
+    Everything else goes to Flask unchanged: other methods, query strings, keys the mirror
+    lacks (and invalid ones), versions not found, callers refused, and every request of an
+    app with request hooks (``before_request``, ``after_request``, ``teardown_request``),
+    which must see all requests. The answers are the ones ``get_head`` and ``get_version``
+    give, headers included.
     """
 
     def __init__(self, wsgi_app: Any, app: Flask, rainer: RainerContext, url_prefix: str) -> None:
@@ -155,10 +162,22 @@ class MirrorReads:
         self.prefix = url_prefix.rstrip("/") + "/"
         #: The route label request metrics use for these answers (the Flask rule's text).
         self.route = self.prefix + "<key>"
+        self.version_route = self.prefix + "<key>/<version>"
         self._static_paths: frozenset[str] | None = None
+        self._other_root_names: frozenset[str] | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
+        if (
+            environ.get("REQUEST_METHOD") == "GET"
+            and path.startswith(self.prefix)
+            and not environ.get("QUERY_STRING")
+            and path[len(self.prefix) :].count("/") == 1
+            and not self._request_hooks()
+        ):
+            answer = self._version(environ, start_response, path[len(self.prefix) :])
+            if answer is not None:
+                return answer
         if (
             environ.get("REQUEST_METHOD") == "GET"
             and path.startswith(self.prefix)
@@ -203,6 +222,53 @@ class MirrorReads:
                     start_response("200 OK", [*prepared_headers(self.rainer, commit, index), *edge])
                     return [commit.payload or b""]
         return self.wsgi_app(environ, start_response)
+
+    def _version(self, environ: dict[str, Any], start_response: Any, rest: str) -> Any:
+        """``GET <prefix>/<key>/<version>``, an immutable commit, from the process's version
+        cache or the journal: the answer ``get_version`` gives, or ``None`` for Flask to
+        answer (a version that is not canonical, a key that is not valid, a caller who may
+        not read it, a commit not found, a database that fails: Flask says why)."""
+        raw_key, _, raw_version = rest.partition("/")
+        version = parse_canonical_version(raw_version)
+        if version is None or raw_key in self._other_roots():
+            return None
+        try:
+            key = validate_key(raw_key.encode("latin-1").decode("utf-8"))
+        except (UnicodeError, InvalidCommit):
+            return None
+        if not _request_line_is_utf8(environ):
+            return None
+        gate = self.rainer.gate
+        if gate.enabled and not gate.may_read(gate.caller(environ), key):
+            return None
+        cache = self.rainer.version_cache
+        commit = cache.get(key, version) if cache.max_bytes else None
+        if commit is None:
+            try:
+                commit = self.rainer.database_storage.get(key, version)
+            except RainerError:
+                return None
+            if commit is None:
+                return None
+            if cache.max_bytes:
+                cache.put(commit)
+        environ[ROUTE_ENVIRON_KEY] = self.version_route
+        payload = commit.payload or b""
+        start_response(
+            "200 OK", [*payload_headers(commit), ("Content-Length", str(len(payload)))]
+        )
+        return [payload]
+
+    def _other_roots(self) -> frozenset[str]:
+        # First path segments under the prefix that belong to other routes than the API's
+        # (the console's, say, under an empty prefix): never a key's version.
+        if self._other_root_names is None:
+            names = set()
+            for rule in self.app.url_map.iter_rules():
+                if rule.rule.startswith(self.prefix) and not rule.endpoint.startswith("rainer."):
+                    names.add(rule.rule[len(self.prefix) :].split("/", 1)[0])
+            self._other_root_names = frozenset(names)
+        return self._other_root_names
 
     def _static(self) -> frozenset[str]:
         # Rules without arguments win over <key> in Flask (/healthz with an empty prefix).

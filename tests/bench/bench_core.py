@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.zk_hosts and any(s.zookeeper for g in groups.values() for s in g):
             from tests.zkserver import ZooKeeperServer
 
-            zk_server = ZooKeeperServer(Path(log_dir) / "zk").start()
+            zk_server = ZooKeeperServer(Path(log_dir) / "zk", production=True).start()
             args.zk_hosts = zk_server.hosts
         for name, group in groups.items():
             print(f"# {name}: {', '.join(s.name for s in group)} "

@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"rainer keeper bench: {os.cpu_count()} CPUs, load1 {os.getloadavg()[0]:.2f}, "
             f"gunicorn --workers {args.workers} (sync), floors from {FLOOR_MODULE}.py, "
             f"MySQL {db_url}")
-        zk = ZooKeeperServer(workdir / "zk").start()
+        zk = ZooKeeperServer(workdir / "zk", production=True).start()
         log(f"ZooKeeper at {zk.hosts}")
         mysql_execute(args.mysql, f"DROP DATABASE IF EXISTS `{args.database}`",
                       f"CREATE DATABASE `{args.database}`")

@@ -434,16 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     zk_hosts = os.environ.get("RAINER_TEST_ZK_HOSTS")
     zk_dir = tempfile.TemporaryDirectory(prefix="rainer-scale-zk-")
     if not zk_hosts:
-        from tests import zkserver
         from tests.zkserver import ZooKeeperServer
 
-        # The tests' 256 MiB heap is not enough for 100k znodes, their watches and listings
-        # of 100k names (the server died of OutOfMemoryError serialising one).
-        zkserver.JVM_OPTS = tuple(
-            "-Xmx1g" if option.startswith("-Xmx") else option for option in zkserver.JVM_OPTS
-        )
-
-        zk_server = ZooKeeperServer(zk_dir.name)
+        # As deployed: the tests' 256 MiB heap died of OutOfMemoryError at 100k znodes.
+        zk_server = ZooKeeperServer(zk_dir.name, production=True)
         zk_server.start()
         zk_hosts = zk_server.hosts
     results = []
