@@ -413,7 +413,9 @@ def probe(base: str, method: str, path: str) -> tuple[int, bytes]:
         headers = {"X-Rainer-Author": "bench", "Content-Type": "application/json"}
     request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # The first request over a freshly seeded journal starts the storage, which chains
+        # and numbers every row (500k for deep): minutes on a busy machine.
+        with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
