@@ -788,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
         from tests.zkserver import ZooKeeperServer
 
         log(f"rainer keeper bench: {os.cpu_count()} CPUs, load1 {os.getloadavg()[0]:.2f}, "
-            f"gunicorn --workers {args.workers} (sync), floors from {FLOOR_MODULE}.py, "
+            f"gunicorn --workers {args.workers} (the configured worker class, gevent by "
+            f"default), floors from {FLOOR_MODULE}.py, "
             f"MySQL {db_url}")
         zk = ZooKeeperServer(workdir / "zk", production=True).start()
         log(f"ZooKeeper at {zk.hosts}")
