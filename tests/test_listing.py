@@ -89,3 +89,25 @@ def test_only_a_changed_commit_is_serialised_again(monkeypatch):
     body = b"".join(fragments.chunks(heads, False, True, True))
     assert made == ["k2"]  # and the payload flags reuse the cached members
     assert json.loads(body) == expected(heads, False, True, True)
+
+
+def test_the_order_of_the_keys_is_kept_until_keys_come_or_go():
+    fragments = ListingFragments()
+
+    def listed(heads):
+        return list(json.loads(b"".join(fragments.chunks(heads, True, False, False))))
+
+    heads = {f"k{i}": make_commit(f"k{i}") for i in (3, 1, 2)}
+    assert listed(heads) == ["k1", "k2", "k3"]
+    kept = fragments._sorted
+    assert listed({**heads, "k2": make_commit("k2", 2)}) == ["k1", "k2", "k3"]
+    assert fragments._sorted is kept  # a value changed: no sort
+    # As many keys as before, one of them another: the order is made again.
+    swapped = {"k0": make_commit("k0"), "k1": heads["k1"], "k3": heads["k3"]}
+    assert listed(swapped) == ["k0", "k1", "k3"]
+    assert listed({**swapped, "k9": make_commit("k9")}) == ["k0", "k1", "k3", "k9"]
+    assert listed({"k3": heads["k3"]}) == ["k3"]
+    assert listed({}) == []
+    # A prefix listing neither uses nor replaces the whole listing's order.
+    assert list(json.loads(b"".join(fragments.chunks(swapped, True, False, False, "k0")))) == ["k0"]
+    assert fragments._sorted == []

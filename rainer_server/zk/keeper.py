@@ -634,17 +634,7 @@ class CommitKeeper:
             transaction = self.client.transaction()
             for kind, path, *args in operations:
                 getattr(transaction, _OPERATIONS[kind])(path, *args)
-            if not self.client.connected:
-                # Dropped since our reads: kazoo would queue the write and send it whenever it
-                # reconnects, after the storage may have moved on. Under gevent nothing runs
-                # between this check and the queueing; with threads, a write queued in that
-                # instant is defused if it is still queued when the wait gives up.
-                raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
-            try:
-                results = self.wait_for(transaction.commit_async(), deadline)
-            except KeeperError:
-                self._defuse(transaction)
-                raise
+            results = self._commit(transaction, deadline)
             failure = next(
                 (
                     (kind, result)
@@ -669,6 +659,24 @@ class CommitKeeper:
                 raise _refused_name(error) from error
             raise KeeperError(f"ZooKeeper error: {error!r}") from error
         raise KeeperError(f"Cannot create {self.data_path} and {self.deleted_path}")
+
+    def _commit(self, transaction: Any, deadline: float) -> list[Any]:
+        """Send ``transaction`` and wait for its results until ``deadline``; one whose outcome
+        is unknown (timed out, connection dropped) is defused (``_defuse``) first.
+
+        :raises KeeperError: when not connected, or no answer came in time.
+        """
+        if not self.client.connected:
+            # Dropped since our reads: kazoo would queue the write and send it whenever it
+            # reconnects, after the storage may have moved on. Under gevent nothing runs
+            # between this check and the queueing; with threads, a write queued in that
+            # instant is defused if it is still queued when the wait gives up.
+            raise KeeperError(f"Not connected to ZooKeeper (state {self.client.state})")
+        try:
+            return self.wait_for(transaction.commit_async(), deadline)
+        except KeeperError:
+            self._defuse(transaction)
+            raise
 
     def _defuse(self, transaction: Any) -> None:
         """Make ``transaction`` fail on the server if kazoo has not sent it yet.
@@ -839,14 +847,7 @@ class _SetCombiner:
         transaction = keeper.client.transaction()
         for pending in batch:
             transaction.set_data(pending.path, pending.payload, pending.version)
-        if not keeper.client.connected:
-            # As in CommitKeeper._transact: kazoo would queue it and send it much later.
-            raise KeeperError(f"Not connected to ZooKeeper (state {keeper.client.state})")
-        try:
-            results = keeper.wait_for(transaction.commit_async(), deadline)
-        except KeeperError:
-            keeper._defuse(transaction)
-            raise
+        results = keeper._commit(transaction, deadline)
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, (RolledBackError, RuntimeInconsistency)):
                 pending.error = _RolledBack()
