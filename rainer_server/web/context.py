@@ -253,12 +253,6 @@ class RainerContext:
                 period=settings.publish_period,
                 fuzz=settings.publish_fuzz,
                 mirror=mirror,
-                # A POST answers once ZooKeeper has the commit too (one compare-and-set from
-                # the mirror's znode version). Publishing from a queue after answering was
-                # faster, but under a partition the fault suite saw an older commit still
-                # queued on one host land after another host had answered that the key was
-                # deleted (and could not reach ZooKeeper to record it): a delete reappearing.
-                background_publish=False,
             )
             # Before the publisher starts, so that no leadership change is missed.
             rainers.report_to(metrics.metrics().zookeeper, mirror)
@@ -318,7 +312,6 @@ class RainerContext:
             rainers, mirror, client = self.rainers, self.mirror, self.zk_client
             self.rainers = self.mirror = self.zk_client = None
             if rainers is not None:
-                rainers.close_publishing()  # while the client is still connected
                 rainers.auto_publisher.close()
                 if rainers.drift_repair is not None:
                     rainers.drift_repair.close()

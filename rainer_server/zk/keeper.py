@@ -385,23 +385,6 @@ class CommitKeeper:
             % (key, existing.version, commit.version, path),
         )
 
-    def start_update(self, commit: Commit, known: tuple[Commit, int] | None) -> Any | None:
-        """Send the compare-and-set ``save(commit, known)`` starts with, without waiting for
-        it: its kazoo result (``wait_for`` it; a lost one raises ``BadVersionError`` or
-        ``NoNodeError``, and ``save`` then decides on fresh reads), or ``None`` when ``save``
-        would not start with one. Many can be in flight: one session's requests are applied
-        in the order sent.
-
-        :raises KeeperError: (``CommitTooLarge``) the commit is too big.
-        """
-        if known is None or not self.client.connected:
-            return None
-        existing, znode_version = known
-        if commit.empty or existing.key != commit.key or commit.version <= existing.version:
-            return None
-        payload = self._serialize(commit)
-        return self.client.set_async(self.znode(commit.key), payload, version=znode_version)
-
     def _save_absent(self, commit: Commit, record: _Record, deadline: float) -> SaveResult:
         """``save`` when ``data/<key>`` is absent: create it, or record a deletion."""
         key = commit.key

@@ -17,7 +17,6 @@ from rainer_server.zk.keeper import DEFAULT_TIMEOUT
 from rainer_server.zk.keeper import CommitKeeper
 from rainer_server.zk.mirror import CommitMirror
 from rainer_server.zk.publisher import AutoPublisher
-from rainer_server.zk.publishing import KeeperPublisher
 from rainer_server.zk.publishing import keeper_publishing
 from rainer_server.zk.repair import DriftRepair
 
@@ -55,7 +54,6 @@ class Rainers:
         *,
         keeper_timeout: float | None = None,
         deserialization: KeyValueDeserialization | None = None,
-        background_publish: bool = False,
         **publisher_kwargs: Any,
     ) -> Rainers:
         """Build (without starting) the keeper, keeper-publishing storage and auto-publisher.
@@ -63,9 +61,6 @@ class Rainers:
         :param keeper_timeout: the longest one keeper call waits (``keeper.DEFAULT_TIMEOUT``).
         :param deserialization: the keeper's (and so its mirrors'), for typed ``value``s; give
             the underlying storage the same one for its reads.
-        :param background_publish: a save returns once the storage has it, and this
-            process publishes it to ZooKeeper from an ordered queue (``KeeperPublisher``);
-            ``stop()`` drains the queue.
         :param publisher_kwargs: passed on to ``AutoPublisher`` (``mirror``, ``identifier``, ...).
             Its ``mirror`` also lets the keeper-publishing storage update a key with one
             compare-and-set.
@@ -80,7 +75,6 @@ class Rainers:
             underlying_storage,
             keeper,
             mirror=publisher_kwargs.get("mirror"),
-            background=background_publish,
         )
         # The publisher reads the underlying storage: its heads are the truth to publish.
         auto_publisher = AutoPublisher(
@@ -104,18 +98,11 @@ class Rainers:
 
     def stop(self) -> None:
         try:
-            self.close_publishing()
             self.auto_publisher.close()
             if self.drift_repair is not None:
                 self.drift_repair.close()
         finally:
             self.storage.stop()
-
-    def close_publishing(self) -> None:
-        """Publish what the keeper-publishing storage still queues, then stop queueing."""
-        hook = getattr(self.storage, "hook", None)
-        if isinstance(hook, KeeperPublisher):
-            hook.close()
 
     def __enter__(self) -> Rainers:
         self.start()
