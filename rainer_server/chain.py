@@ -36,9 +36,5 @@ def canonical_bytes(commit: Commit) -> bytes:
 
 
 def link(previous: str, commit: Commit) -> str:
-    """The chain value of ``commit``, given the chain value of the version before it.
-
-    A MySQL save computes the same in the server (``SHA2(CONCAT(previous, CHAR(10),
-    canonical bytes), 256)``, see ``DbCommitStorage._one_packet_saves``); ``verify`` checks
-    rows written either way with this function."""
+    """The chain value of ``commit``, given the chain value of the version before it."""
     return hashlib.sha256(previous.encode("ascii") + b"\n" + canonical_bytes(commit)).hexdigest()

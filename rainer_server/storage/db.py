@@ -51,7 +51,6 @@ from playhouse.pool import PooledMySQLDatabase
 from playhouse.pool import PooledSqliteDatabase
 
 from rainer_server.chain import GENESIS
-from rainer_server.chain import canonical_bytes
 from rainer_server.chain import link
 from rainer_server.commit import MAX_VERSION
 from rainer_server.commit import Commit
@@ -673,7 +672,34 @@ class DbCommitStorage:
             "next_index_mysql": f"UPDATE {counter} SET n = LAST_INSERT_ID(n + 1) WHERE id = 1",
         }
         if not self._is_sqlite:
-            self._sql.update(self._one_packet_saves(counter))
+            # A MySQL save in at most two round trips, each one multi-statement packet: the
+            # server runs a packet's statements back to back, so the counter's row lock lives
+            # from its UPDATE to the COMMIT of the same packet, never across a client's round
+            # trip or a busy worker's scheduling, and concurrent saves share the log flush.
+            # The INSERT takes its index from that UPDATE; NULL if the UPDATE matched no row
+            # (LAST_INSERT_ID() would hand back this connection's previous index: it is reset
+            # first), and _insert_mysql then numbers it as start() does.
+            #
+            # Nothing in a packet may depend on what the server tells the client: when the
+            # client is gone (a deadline shut its socket while the server was stopped), the
+            # server still runs the packet, and ROW_COUNT() then reads -1 (the failed send is
+            # the last statement's diagnostics). A packet that retired the head and, reading
+            # ROW_COUNT(), skipped the INSERT before its COMMIT left a key without a head in
+            # the hung-database fault run. So the retiring UPDATE ends the first packet (the
+            # client decides), and the second reads only LAST_INSERT_ID().
+            insert_sql = _sql(row.insert({
+                **{getattr(row, name): None for name in _INSERT_COLUMNS[:-1]},
+                row.commit_index: SQL("NULLIF(LAST_INSERT_ID(), 0)"),
+            }))
+            numbered_insert = (
+                f"DO LAST_INSERT_ID(0); {self._sql['next_index_mysql']}; {insert_sql}; COMMIT"
+            )
+            self._sql.update({
+                "begin_retire_chain":
+                    f"BEGIN; {self._sql['retire_head']}; {self._sql['chain_of']}",
+                "numbered_insert": numbered_insert,
+                "begin_numbered_insert": f"BEGIN; {numbered_insert}",
+            })
         feed = row.select(*self._fields).where(row.commit_index > 0)
         self._feed_sql = {
             False: _sql(feed.order_by(row.commit_index).limit(1)),
@@ -684,53 +710,6 @@ class DbCommitStorage:
         }
         self._to_db_mtime = row.mtime.db_value
         self._from_db_mtime = row.mtime.python_value
-
-    def _one_packet_saves(self, counter: str) -> dict[str, str]:
-        """A MySQL save as one multi-statement packet, one round trip.
-
-        The server runs a packet's statements back to back, so the counter's row lock lives
-        from its UPDATE to the COMMIT of the same packet, never across a client's round trip
-        or a busy worker's scheduling, and concurrent saves share the log flush. The
-        retiring UPDATE, the version check, comes before the counter: a writer queued on a
-        key's row lock holds no lock every other writer needs. What it found decides the
-        rest in the server: when it retired nothing (not the next version), the counter is
-        not taken (a refused save takes no index) and nothing is inserted. The new row's
-        chain is ``chain.link`` computed by the server, from the retired row's chain and
-        the canonical bytes sent; its index comes from the counter's UPDATE, NULL when that
-        matched no row (``LAST_INSERT_ID()`` would hand back this connection's previous
-        index), which ``_insert_mysql`` then numbers as start() does.
-        """
-        row = self._row
-        table = self._quoted_table()
-        columns = ", ".join(self._quoted(getattr(row, name).column_name) for name in _INSERT_COLUMNS)
-        values = ", ".join(["%s"] * (len(_INSERT_COLUMNS) - 2))
-        index = "IF(ROW_COUNT() = 1, LAST_INSERT_ID(), NULL)"
-        # chain.link(previous, commit), the commit's canonical bytes the parameter.
-        first_chain = "SHA2(CONCAT(CHAR(10), %s), 256)"
-        chain = "SHA2(CONCAT(COALESCE(@rainer_previous, ''), CHAR(10), %s), 256)"
-        key_column = self._quoted(row.key.column_name)
-        chain_column = self._quoted(row.chain.column_name)
-        count = self._sql["next_index_mysql"]
-        return {
-            # Parameters: the _INSERT_COLUMNS but the last two, then the canonical bytes.
-            "save_first": (
-                f"BEGIN; {count}; "
-                f"INSERT INTO {table} ({columns}) VALUES ({values}, {first_chain}, {index}); "
-                "COMMIT"
-            ),
-            # Parameters: retire_head's (False, True, key, version - 1), key and version - 1
-            # again (the retired row's chain), then as save_first's.
-            "save_next": (
-                f"BEGIN; {self._sql['retire_head']}; "
-                "SET @rainer_retired = ROW_COUNT(), @rainer_previous = NULL; "
-                f"SELECT {chain_column} INTO @rainer_previous FROM {table} "
-                f"WHERE {key_column} = %s AND version = %s AND @rainer_retired = 1; "
-                f"{count} AND @rainer_retired = 1; "
-                f"INSERT INTO {table} ({columns}) "
-                f"SELECT {values}, {chain}, {index} FROM DUAL WHERE @rainer_retired = 1; "
-                "COMMIT"
-            ),
-        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1163,34 +1142,40 @@ class DbCommitStorage:
         # No SELECT ... FOR UPDATE (it deadlocks on new keys under REPEATABLE READ): the
         # retiring UPDATE is the version check, and for version 1 the unique index is.
         key = commit.key.encode("utf-8")
-        values = (
-            key, commit.version, commit.author, commit.comment, self._to_db_mtime(commit.mtime),
-            commit.empty, True, commit.payload, commit.identity, canonical_bytes(commit),
-        )
         cursor = self.database.cursor()
         try:
             with peewee.__exception_wrapper__:
-                if commit.version == 1:
-                    cursor.execute(self._sql["save_first"], values)
-                    cursor.nextset()  # past BEGIN's reply, to the counter's UPDATE's
-                    retired = 1
-                else:
-                    previous = commit.version - 1
+                previous = GENESIS
+                if commit.version > 1:
                     cursor.execute(
-                        self._sql["save_next"], (False, True, key, previous, key, previous, *values)
+                        self._sql["begin_retire_chain"],
+                        (False, True, key, commit.version - 1, key, commit.version - 1),
                     )
                     cursor.nextset()  # past BEGIN's reply, to the retiring UPDATE's
                     retired = cursor.rowcount
-                    for _ in range(3):  # the SET, the SELECT ... INTO, the counter's UPDATE
-                        cursor.nextset()
+                    cursor.nextset()
+                    # The retiring UPDATE locked that row: its chain cannot change under us.
+                    found = cursor.fetchone()
+                    if retired != 1:
+                        raise _NotNextVersion()
+                    previous = (found[0] if found else None) or GENESIS
+                    sql = self._sql["numbered_insert"]
+                else:
+                    sql = self._sql["begin_numbered_insert"]
+                cursor.execute(sql, (
+                    key, commit.version, commit.author, commit.comment,
+                    self._to_db_mtime(commit.mtime), commit.empty, True, commit.payload,
+                    commit.identity, link(previous, commit),
+                ))
+                if commit.version == 1:
+                    cursor.nextset()  # past BEGIN's reply
+                cursor.nextset()  # past the reset's, to the counter's UPDATE's
                 counted, index = cursor.rowcount, cursor.lastrowid
                 while cursor.nextset():  # the INSERT's and the COMMIT's replies
                     pass
         except BaseException:
             self._roll_back(cursor)
             raise
-        if retired != 1:
-            raise _NotNextVersion()  # nothing was written: the packet's COMMIT ended nothing
         if counted != 1:
             # Stored, with no index: the counter row is gone (start() makes it). Number the
             # row as start() does, which puts the counter back.
