@@ -153,7 +153,7 @@ def open_database(
     if family == "sqlite":
         extra["pragmas"] = _SQLITE_PRAGMAS
     else:
-        # A save sends its statements as one packet (DbCommitStorage._insert_mysql). Every
+        # A save sends its statements as two packets (DbCommitStorage._insert_mysql). Every
         # value in them is escaped by PyMySQL as in any single statement.
         extra["client_flag"] = int(given.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
     try:
