@@ -169,23 +169,18 @@ class MirrorReads:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
         if (
-            environ.get("REQUEST_METHOD") == "GET"
-            and path.startswith(self.prefix)
-            and not environ.get("QUERY_STRING")
-            and path[len(self.prefix) :].count("/") == 1
-            and not self._request_hooks()
+            environ.get("REQUEST_METHOD") != "GET"
+            or not path.startswith(self.prefix)
+            or environ.get("QUERY_STRING")
+            or self._request_hooks()
         ):
-            answer = self._version(environ, start_response, path[len(self.prefix) :])
+            return self.wsgi_app(environ, start_response)
+        rest = path[len(self.prefix) :]
+        if rest.count("/") == 1:
+            answer = self._version(environ, start_response, rest)
             if answer is not None:
                 return answer
-        if (
-            environ.get("REQUEST_METHOD") == "GET"
-            and path.startswith(self.prefix)
-            and not environ.get("QUERY_STRING")
-            and "/" not in path[len(self.prefix) :]
-            and not self._request_hooks()
-            and path not in self._static()
-        ):
+        elif "/" not in rest and path not in self._static():
             view = self.rainer.cached_view()
             if view is not None and self.rainer.watching() is None:
                 self.rainer.watch_hub  # noqa: B018  (started once, here or by gunicorn's hook)
@@ -193,7 +188,7 @@ class MirrorReads:
                 # The path's bytes, strictly: replacing invalid UTF-8 with U+FFFD (as werkzeug
                 # does) would answer for another key. Flask answers those with a 400.
                 try:
-                    key: str | None = path[len(self.prefix) :].encode("latin-1").decode("utf-8")
+                    key: str | None = rest.encode("latin-1").decode("utf-8")
                 except UnicodeError:
                     key = None
                 commit = (
