@@ -817,14 +817,15 @@ class DbCommitStorage:
                     "Numbering %d commits of %s in the global index", len(unnumbered), self.table_name
                 )
                 ordered = _history_order(unnumbered)
-                update = row.update(commit_index=0).where((row.key == "k") & (row.version == 1))
-                sql = _sql(update)
-                cursor = self.database.cursor()
-                for start in range(0, len(ordered), 1000):
-                    cursor.executemany(sql, [
-                        (last + start + n + 1, key.encode("utf-8"), version)
-                        for n, (key, version) in enumerate(ordered[start : start + 1000])
-                    ])
+                numbers = [
+                    (last + n, key.encode("utf-8"), version)
+                    for n, (key, version) in enumerate(ordered, 1)
+                ]
+                if self._is_sqlite:
+                    update = row.update(commit_index=0).where((row.key == "k") & (row.version == 1))
+                    self.database.cursor().executemany(_sql(update), numbers)
+                else:
+                    self._number_in_one_update(numbers)
                 last += len(ordered)
                 if not self._is_sqlite:
                     execute(f"UPDATE {counter} SET n = %s WHERE id = 1", (last,))
@@ -833,6 +834,30 @@ class DbCommitStorage:
         if wanted._name not in indexes:
             log.warning("Adding the index %s to %s", wanted._name, self.table_name)
             self.database.execute(self._row._schema._create_index(wanted, safe=False))
+
+    def _number_in_one_update(self, numbers: list[tuple[int, bytes, int]]) -> None:
+        """MySQL: set ``commit_index`` of each (index, key, version) through a temporary table
+        and one joined UPDATE. An UPDATE per row took 7 minutes for a journal of 500k rows
+        (a round trip each: PyMySQL batches only INSERTs); this takes seconds."""
+        execute = self.database.execute_sql
+        numbering = self._quoted("rainer_numbering")
+        execute(
+            f"CREATE TEMPORARY TABLE {numbering} (n BIGINT NOT NULL, `key` VARBINARY(255) "
+            "NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (`key`, version))"
+        )
+        try:
+            cursor = self.database.cursor()
+            for start in range(0, len(numbers), _MIGRATION_BATCH):
+                cursor.executemany(
+                    f"INSERT INTO {numbering} (n, `key`, version) VALUES (%s, %s, %s)",
+                    numbers[start : start + _MIGRATION_BATCH],
+                )
+            execute(
+                f"UPDATE {self._quoted_table()} AS t JOIN {numbering} AS m "
+                "ON t.`key` = m.`key` AND t.version = m.version SET t.commit_index = m.n"
+            )
+        finally:
+            execute(f"DROP TEMPORARY TABLE {numbering}")
 
     def _numbered(self) -> bool:
         """Whether every row has its index and the counter and index exist: the start of every
