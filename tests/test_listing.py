@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from datetime import datetime
 from datetime import timezone
 
+import immutables
 import pytest
 
 from rainer_server.commit import Commit
 from rainer_server.web import listing
 from rainer_server.web.listing import ListingFragments
+from rainer_server.zk.mirror import ChangeLog
+from rainer_server.zk.mirror import MirrorView
 
 MTIME = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
 
@@ -76,7 +80,7 @@ def test_a_big_listing_streams_in_chunks(monkeypatch):
 def test_only_a_changed_commit_is_serialised_again(monkeypatch):
     fragments = ListingFragments()
     heads = {f"k{i}": make_commit(f"k{i}") for i in range(5)}
-    b"".join(fragments.chunks(heads, False, False, False))
+    b"".join(fragments.chunks(heads, False, True, False))
     made: list[str] = []
     real = listing.fragment
 
@@ -87,8 +91,94 @@ def test_only_a_changed_commit_is_serialised_again(monkeypatch):
     monkeypatch.setattr(listing, "fragment", counting)
     heads = {**heads, "k2": make_commit("k2", 2)}
     body = b"".join(fragments.chunks(heads, False, True, True))
-    assert made == ["k2"]  # and the payload flags reuse the cached members
+    assert made == ["k2"]  # and the other payload flags reuse the cached members
     assert json.loads(body) == expected(heads, False, True, True)
+
+
+class Mirror:
+    """A mirror's views as CommitMirror makes them: a persistent map and its change log."""
+
+    def __init__(self, heads: dict[str, Commit]) -> None:
+        self.log = ChangeLog(limit=8)
+        self.commits = immutables.Map(heads)
+        self.log.note_all()
+
+    def set(self, commit: Commit) -> None:
+        self.commits = self.commits.set(commit.key, commit)
+        self.log.note(commit.key)
+
+    def delete(self, key: str) -> None:
+        self.commits = self.commits.delete(key)
+        self.log.note(key)
+
+    @property
+    def view(self) -> MirrorView:
+        return MirrorView(self.commits, self.log, self.log.sequence)
+
+
+def test_a_mirror_listing_serialises_only_the_keys_the_mirror_changed(monkeypatch):
+    monkeypatch.setattr(listing, "CHUNK_KEYS", 10)
+    made: list[str] = []
+    real = listing.fragment
+
+    def counting(commit):
+        made.append(commit.key)
+        return real(commit)
+
+    monkeypatch.setattr(listing, "fragment", counting)
+    fragments = ListingFragments()
+    mirror = Mirror({f"k{i:02d}": make_commit(f"k{i:02d}") for i in range(25)})
+
+    tags: dict[bytes, str] = {}
+
+    def listed() -> dict:
+        view = mirror.view
+        fresh_tag = ListingFragments().whole(view)[1]
+        made.clear()
+        chunks, tag = fragments.whole(view)
+        body = json.loads(b"".join(chunks))
+        assert list(body) == sorted(body)
+        assert body == expected(dict(view.items()), False, False, False)
+        # The same listing has the same tag whatever came before (in any other process),
+        # and another listing another.
+        assert tags.setdefault(b"".join(chunks), tag) == tag
+        assert list(tags.values()).count(tag) == 1
+        assert fresh_tag == tag
+        return body
+
+    listed()
+    assert len(made) == 25
+    listed()
+    assert made == []  # the same view
+    mirror.set(make_commit("k05", 2))
+    assert listed()["k05"]["version"] == 2 and made == ["k05"]
+    mirror.set(make_commit("k10a"))  # a new key between two chunks moves every later key
+    mirror.delete("k00")
+    mirror.set(make_commit("k24", 3, None))  # a tombstone is not listed
+    body = listed()
+    assert made == ["k10a"] and "k00" not in body and "k24" not in body
+    for i in range(9):  # past the log's limit: every key is made again
+        mirror.set(make_commit("k01", 2 + i))
+    listed()
+    assert len(made) == 24
+    # Emptied, and filled again; an older view than the last listed one.
+    older = mirror.view
+    for key in list(mirror.commits):
+        mirror.delete(key)
+    assert listed() == {}
+    assert json.loads(b"".join(fragments.whole(older)[0])) == expected(
+        dict(older.items()), False, False, False
+    )
+    rng = random.Random(13)
+    for step in range(300):
+        key = f"r{rng.randrange(40):02d}"
+        if rng.random() < 0.3 and key in mirror.commits:
+            mirror.delete(key)
+        else:
+            mirror.set(make_commit(key, step + 1, None if rng.random() < 0.1 else b"1"))
+        if rng.random() < 0.4:
+            listed()
+    listed()
 
 
 def test_the_order_of_the_keys_is_kept_until_keys_come_or_go():

@@ -228,14 +228,18 @@ def _listing(
                 newest = min(index, hub.newest_index(lambda key: key.startswith(prefix)))
             else:
                 newest = index
-            chunks = list(rainer.listing.chunks(heads, False, utf8, b64, prefix))
-            # Of the body, not of the index: every worker names the same listing alike, so
-            # an edge cache revalidates it with whichever worker it reaches. (Hashing needs the
-            # whole body first: the listing is built, then sent, not streamed as it is built.)
-            digest = hashlib.sha256()
-            for chunk in chunks:
-                digest.update(chunk)
-            cached = (heads, chunks, index, newest, '"%s"' % digest.hexdigest()[:32])
+            # The tag is of the body, not of the index: every worker names the same listing
+            # alike, so an edge cache revalidates it with whichever worker it reaches.
+            # (Hashing needs the whole body first: the listing is built, then sent.)
+            if utf8 or b64 or prefix:
+                chunks = list(rainer.listing.chunks(heads, False, utf8, b64, prefix))
+                digest = hashlib.sha256()
+                for chunk in chunks:
+                    digest.update(chunk)
+                tag = '"%s"' % digest.hexdigest()[:32]
+            else:
+                chunks, tag = rainer.listing.whole(heads)
+            cached = (heads, chunks, index, newest, tag)
             rainer.list_cache[flags] = cached
         heads, chunks, index, newest, tag = cached
         headers = {**CACHED, "ETag": tag, INDEX_HEADER: str(newest)}

@@ -83,16 +83,67 @@ class _KeyWatch:
         self.on_event: Callable[[Any], None] = lambda event: None
 
 
+class ChangeLog:
+    """The keys a mirror changed, numbered, so that what differs between two of its views is
+    known without comparing them key by key: the listing of 100k keys rebuilds the JSON of
+    the keys that changed, where touching every commit cost 20x what it did at 10k keys
+    (each is a cache miss once they outgrow the CPU's cache).
+
+    Bounded: past ``limit`` changes, or after a bulk load (``note_all``), older views are
+    answered "unknown" and a reader compares everything, as it did without the log.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._keys: collections.deque[tuple[int, str]] = collections.deque(maxlen=limit)
+        #: The number of the newest change.
+        self.sequence = 0
+        # Changes up to this number are no longer in the log.
+        self._forgotten = 0
+
+    def note(self, key: str) -> None:
+        with self._lock:
+            if len(self._keys) == self._keys.maxlen:
+                self._forgotten = self._keys[0][0]
+            self.sequence += 1
+            self._keys.append((self.sequence, key))
+
+    def note_all(self) -> None:
+        """Every key may have changed (cheaper than noting each of a bulk load)."""
+        with self._lock:
+            self.sequence += 1
+            self._forgotten = self.sequence
+            self._keys.clear()
+
+    def between(self, older: int, newer: int) -> set[str] | None:
+        """The keys changed after change ``older`` up to change ``newer``; ``None`` when the
+        log no longer reaches back that far."""
+        with self._lock:
+            if older < self._forgotten:
+                return None
+            changed = set()
+            for number, key in reversed(self._keys):
+                if number <= older:
+                    break
+                if number <= newer:
+                    changed.add(key)
+            return changed
+
+
 class MirrorView(Mapping[str, Commit]):
     """A mirror's snapshot: key -> commit, read-only, equal to any mapping with its items.
 
     Wraps a persistent map (``immutables.Map``), whose own ``==`` only knows other Maps.
     """
 
-    __slots__ = ("_commits",)
+    __slots__ = ("_commits", "_log", "_sequence")
 
-    def __init__(self, commits: immutables.Map[str, Commit]) -> None:
+    def __init__(
+        self, commits: immutables.Map[str, Commit], log: ChangeLog | None = None, sequence: int = 0
+    ) -> None:
         self._commits = commits
+        self._log = log
+        self._sequence = sequence
 
     def __getitem__(self, key: str) -> Commit:
         return self._commits[key]
@@ -112,8 +163,20 @@ class MirrorView(Mapping[str, Commit]):
     def __repr__(self) -> str:
         return f"MirrorView({dict(self._commits)!r})"
 
+    def changed_since(self, other: Mapping[str, Commit]) -> set[str] | None:
+        """The keys whose commits may differ between ``other``, another view of the same
+        mirror, and this one (in either order); ``None`` when that is not known."""
+        if not isinstance(other, MirrorView) or self._log is None or other._log is not self._log:
+            return None
+        older, newer = sorted((self._sequence, other._sequence))
+        return self._log.between(older, newer)
+
 
 _EMPTY_VIEW: Mapping[str, Commit] = MirrorView(immutables.Map())
+
+
+def _answer_key(answer: tuple[_KeyWatch, bytes, int]) -> str:
+    return answer[0].key
 
 
 class MirrorValues(Mapping[str, Any]):
@@ -210,6 +273,7 @@ class CommitMirror:
         self._versions: dict[str, tuple[Commit, int]] = {}
         self._watches: dict[str, _KeyWatch] = {}
         self._current: Mapping[str, Commit] = _EMPTY_VIEW
+        self._changes = ChangeLog()
         self._subscribers: list[Callable[[Mapping[str, Commit]], object]] = []
         self._session_lost = False
         #: Unix time the connection to ZooKeeper dropped, until every key has been read
@@ -456,6 +520,10 @@ class CommitMirror:
             if self._closed:
                 return
             commits = self._commits.mutate()
+            # Parsed in key order, the commits lie in memory in the order a listing walks
+            # them. In ZooKeeper's order of answers (its hash order), a listing of 100k keys,
+            # past the CPU's cache, missed it on every commit: 400 ms against 303 in key order.
+            answers.sort(key=_answer_key)
             for kw, data, znode_version in answers:
                 key = kw.key
                 if self._watches.get(key) is not kw or kw.updated:
@@ -481,6 +549,7 @@ class CommitMirror:
                 if self._awaiting is not None:
                     self._awaiting.discard(key)
             self._commits = commits.finish()
+            self._changes.note_all()
             if self.initialized:
                 self._publish()  # only if every key listed first was also read again
             else:
@@ -566,6 +635,7 @@ class CommitMirror:
                 self._versions.pop(key, None)
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
+                    self._changes.note(key)
                     changed = True
                     log.info("%s removed: %s", self.noun, key)
                 if self._awaiting is not None:
@@ -599,6 +669,7 @@ class CommitMirror:
                 self._unparseable.discard(key)
                 if key in self._commits:
                     self._commits = self._commits.delete(key)
+                    self._changes.note(key)
                     changed = True
                     log.info("%s removed: %s", self.noun, key)
             else:
@@ -618,6 +689,7 @@ class CommitMirror:
                     )
                     if key in self._commits:
                         self._commits = self._commits.delete(key)
+                        self._changes.note(key)
                         changed = True
                 else:
                     self._unparseable.discard(key)
@@ -625,6 +697,7 @@ class CommitMirror:
                     self._versions[key] = (commit, znode_version)
                     if previous != commit:
                         self._commits = self._commits.set(key, commit)
+                        self._changes.note(key)
                         changed = True
                         if self.initialized:
                             # DEBUG: every process logs every change; one commit of a
@@ -657,7 +730,7 @@ class CommitMirror:
         # Called with the lock held, so subscribers see the views in order.
         if not (force or self.initialized):
             return
-        view = MirrorView(self._commits)
+        view = MirrorView(self._commits, self._changes, self._changes.sequence)
         self._current = view
         self.last_update = time.monotonic()
         for fn in list(self._subscribers):
@@ -672,4 +745,4 @@ class CommitMirror:
             log.exception("Mirror subscriber %r failed", fn)
 
 
-__all__ = ["CommitMirror", "MirrorValues", "MirrorView"]
+__all__ = ["ChangeLog", "CommitMirror", "MirrorValues", "MirrorView"]
