@@ -27,13 +27,13 @@ from tests.faults.scenarios import table
 
 pytestmark = [pytest.mark.mysql, pytest.mark.zookeeper, pytest.mark.gunicorn]
 
-#: The scenarios that pass every time, in the order they run (the database moves before it is
-#: killed; the control run, which leaves the journal behind ZooKeeper on purpose, is last).
-#: hung-db meets its targets in the full run, but its /metrics p99 (<= 100 ms) misses now and
-#: then on the shared 2-core machine, before the hang as much as during it (README,
-#: "Reliability"): a test that fails on the machine's load is not one CI can keep.
-FAST = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "slow-clients",
-        "db-move", "db-kill",
+#: Every scenario of the full run, in its order (the database moves before it is killed; the
+#: control run, which leaves the journal behind ZooKeeper on purpose, is last). hung-db was
+#: left out while its /metrics p99 (<= 100 ms) missed on a machine shared with benchmarks; it
+#: is in because it alone found a save that left keys without a head (a packet the server ran
+#: after its client had gone), and on CI's machine, alone, that p99 is 10-13 ms.
+FAST = ["racing", "zk-leader", "quorum", "partition", "host-kill", "churn", "hung-db",
+        "slow-clients", "db-move", "db-kill",
         "db-kill-control"]
 
 
