@@ -8,20 +8,37 @@ thousand keys while the publisher reads the same keys) fills the socket's buffer
 writer waits for the connection to drain it, the second fails, and kazoo reports that
 request as "Connection has been closed" or never answers it. Writers that queue on a lock
 instead wait their turn; with real threads the lock costs an uncontended acquire.
+
+Its handler first asks whether a socket is ready already (one ``poll`` with no timeout) before
+it waits the way kazoo does: kazoo builds and closes a selector on every call, before every
+write and on every turn of its loop, and under gevent that selector (``GeventSelector``) was
+13 % of a worker's CPU under POST load.
 """
 
 from __future__ import annotations
 
+import select
 import threading
 from typing import Any
 
 from kazoo.client import KazooClient
+from kazoo.handlers.threading import SequentialThreadingHandler
+
+try:
+    from gevent.monkey import get_original
+except ImportError:  # pragma: no cover (gevent is a dependency; the handler works without)
+    _os_poll = select.poll
+else:
+    # The system's poll even where gevent patched the module: with no timeout it never blocks,
+    # and unlike select() it takes descriptors past 1024 (a worker holding 1000 watchers).
+    _os_poll = get_original("select", "poll")
 
 
 class SerialKazooClient(KazooClient):
     """A ``KazooClient`` whose callers submit requests one at a time (see the module)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("handler", QuickSelectHandler())
         super().__init__(*args, **kwargs)
         # Reentrant: a completion callback run inline by the handler may submit again.
         self._submitting = threading.RLock()
@@ -31,4 +48,34 @@ class SerialKazooClient(KazooClient):
             return super()._call(request, async_object)
 
 
-__all__ = ["SerialKazooClient"]
+class QuickSelectHandler(SequentialThreadingHandler):
+    """kazoo's threading handler, whose ``select`` answers at once what is ready already."""
+
+    def select(self, rlist: list, wlist: list, xlist: list, timeout: float | None = None) -> Any:
+        poller = _os_poll()
+        masks: dict[int, int] = {}
+        objects: dict[int, Any] = {}
+        for sockets, mask in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
+            for sock in sockets:
+                fd = sock if isinstance(sock, int) else sock.fileno()
+                masks[fd] = masks.get(fd, 0) | mask
+                objects[fd] = sock
+        for fd, mask in masks.items():
+            poller.register(fd, mask)
+        ready = poller.poll(0)
+        if not ready:
+            return super().select(rlist, wlist, xlist, timeout)
+        readable, writable = [], []
+        for fd, events in ready:
+            if events & select.POLLNVAL:
+                raise ValueError("Invalid event mask or fd")  # as kazoo's own select
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and masks[fd] & select.POLLIN:
+                readable.append(objects[fd])
+            if events & (select.POLLOUT | select.POLLHUP | select.POLLERR) and masks[fd] & select.POLLOUT:
+                writable.append(objects[fd])
+        if not (readable or writable):
+            return super().select(rlist, wlist, xlist, timeout)
+        return readable, writable, []
+
+
+__all__ = ["QuickSelectHandler", "SerialKazooClient"]
