@@ -4,6 +4,7 @@ with ZooKeeper configured, the client is connected and this process's mirror is 
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -121,3 +122,40 @@ def test_readyz_follows_zookeeper_going_down_and_up(zk_chroot, tmp_path):
     finally:
         app.extensions["rainer"].close()
         proxy.close()
+
+
+def test_readyz_waits_until_the_mirror_serves(zk_chroot, tmp_path, monkeypatch):
+    """The mirror serves once the watch hub knows every head's index (read from the database,
+    about a second at 100k keys): until then reads go to the database, and /readyz says so."""
+    from rainer_server.web import watch
+
+    indexing = threading.Event()
+    real_begin = watch.WatchHub._begin
+
+    def held_begin(hub):
+        indexing.wait(30)
+        real_begin(hub)
+
+    monkeypatch.setattr(watch.WatchHub, "_begin", held_begin)
+    app = create_app(
+        {"RAINER_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RAINER_ZK_HOSTS": zk_chroot}
+    )
+    client = app.test_client()
+    try:
+        assert client.post("/diary/k/1", data=b"{}", headers=AUTHOR).status_code == 200
+
+        def status():
+            r = client.get("/readyz")
+            return r.status_code, r.get_json()["checks"]
+
+        indexed = {"database": "ok", "zookeeper": "ok", "mirror": "complete; indexing the heads"}
+        wait_for(lambda: status() == (503, indexed), 15, "mirror complete, hub indexing")
+        assert "X-Rainer-Cached" not in client.get("/diary/k").headers  # from the database
+        indexing.set()
+        ready = {"database": "ok", "zookeeper": "ok", "mirror": "ok"}
+        wait_for(lambda: status() == (200, ready), 15, "ready")
+        wait_for(lambda: client.get("/diary/k").headers.get("X-Rainer-Cached") == "Yes", 15,
+                 "reads from the mirror")
+    finally:
+        indexing.set()
+        app.extensions["rainer"].close()
