@@ -77,18 +77,25 @@ def test_a_big_listing_streams_in_chunks(monkeypatch):
     assert list(ListingFragments().chunks({}, False, False, False)) == [b"{}"]
 
 
-def test_only_a_changed_commit_is_serialised_again(monkeypatch):
-    fragments = ListingFragments()
-    heads = {f"k{i}": make_commit(f"k{i}") for i in range(5)}
-    b"".join(fragments.chunks(heads, False, True, False))
-    made: list[str] = []
+@pytest.fixture
+def made(monkeypatch) -> list[str]:
+    """The keys whose fragments are made from here on, in order."""
+    keys: list[str] = []
     real = listing.fragment
 
     def counting(commit):
-        made.append(commit.key)
+        keys.append(commit.key)
         return real(commit)
 
     monkeypatch.setattr(listing, "fragment", counting)
+    return keys
+
+
+def test_only_a_changed_commit_is_serialised_again(made):
+    fragments = ListingFragments()
+    heads = {f"k{i}": make_commit(f"k{i}") for i in range(5)}
+    b"".join(fragments.chunks(heads, False, True, False))
+    made.clear()
     heads = {**heads, "k2": make_commit("k2", 2)}
     body = b"".join(fragments.chunks(heads, False, True, True))
     assert made == ["k2"]  # and the other payload flags reuse the cached members
@@ -116,16 +123,8 @@ class Mirror:
         return MirrorView(self.commits, self.log, self.log.sequence)
 
 
-def test_a_mirror_listing_serialises_only_the_keys_the_mirror_changed(monkeypatch):
+def test_a_mirror_listing_serialises_only_the_keys_the_mirror_changed(monkeypatch, made):
     monkeypatch.setattr(listing, "CHUNK_KEYS", 10)
-    made: list[str] = []
-    real = listing.fragment
-
-    def counting(commit):
-        made.append(commit.key)
-        return real(commit)
-
-    monkeypatch.setattr(listing, "fragment", counting)
     fragments = ListingFragments()
     mirror = Mirror({f"k{i:02d}": make_commit(f"k{i:02d}") for i in range(25)})
 
