@@ -154,8 +154,10 @@ def test_a_leader_back_from_a_connection_loss_publishes_at_once_not_a_period_lat
         storage.save(commit("k", 2))  # by a process that died before publishing it
         proxy.restore()
         # Deadlines generous for a loaded machine, and still far below the period.
-        wait_until(lambda: znode_version(zk, "k") == 2, timeout=30,
+        # The pass counts itself after its writes: wait for both, not only the znode.
+        wait_until(lambda: znode_version(zk, "k") == 2 and publisher.passes >= 1, timeout=30,
                    what="a pass right after the reconnect")
         assert publisher.passes == 1
+        assert publisher.last_counts.updated == 1
     finally:
         publisher.close()
