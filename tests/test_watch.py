@@ -388,3 +388,61 @@ def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
         hub.stop()
         mirror.close()
         next(clients, None)
+
+
+@pytest.mark.zookeeper
+def test_the_mirror_serves_answers_once_it_shows_every_head_whichever_heard_first(
+    db_storage, zk_chroot, monkeypatch
+):
+    """Heads the journal has and ZooKeeper lacks (a drifted ZooKeeper) keep answers on the
+    database until the mirror shows each of them, whether the mirror heard of a commit before
+    the feed did or after; and each mirror change costs a check of the keys it changed, not of
+    every head still missing (thousands while a first publish is pending)."""
+    from rainer_server.web import watch
+    from rainer_server.web.watch import WatchHub
+    from rainer_server.zk.keeper import CommitKeeper
+    from tests.storage_contract import commit
+    from tests.zk_support import started_client
+
+    monkeypatch.setattr(watch, "IDLE_BATCH", 600.0)  # the feed is read when an answer asks
+    drifted = [db_storage.save(commit(f"drift-{n:03d}", 1)) for n in range(200)]
+    clients = started_client(zk_chroot)
+    client = next(clients)
+    keeper = CommitKeeper(client, "/hub")
+    mirror = keeper.mirror()
+    hub = WatchHub(db_storage, mirror, poll_interval=600.0)
+    checks = []
+    shows = watch._shows
+    monkeypatch.setattr(watch, "_shows", lambda *a: checks.append(a[1]) or shows(*a))
+    try:
+        hub.start()
+        assert hub.wait_ready(10)
+        assert hub.mirror_index() is None  # 200 heads ZooKeeper lacks
+        # The mirror hears of "early" before the feed does: the feed's announcement must
+        # find it shown.
+        early = db_storage.save(commit("early", 1))
+        keeper.save(early)
+        wait_until(lambda: "early" in mirror.current, what="the mirror to show early")
+        checks.clear()
+        hub.poke()
+        assert hub.mirror_index() is None
+        assert checks == ["early"]
+        assert "early" not in hub._unmirrored
+        # The feed hears of "late" before the mirror does: the mirror's change must find it.
+        late = db_storage.save(commit("late", 1))
+        hub.poke()  # what a save in this process does
+        assert hub.mirror_index() is None
+        assert "late" in hub._unmirrored
+        checks.clear()
+        keeper.save(late)
+        wait_until(lambda: "late" not in hub._unmirrored, what="the hub to see late mirrored")
+        assert checks == ["late"]
+        for kept in drifted:
+            keeper.save(kept)
+        wait_until(lambda: hub.mirror_index() is not None, what="every head mirrored")
+        assert hub.mirror_index() == late.index
+        assert len(checks) <= 1 + len(drifted)  # each key checked when its znode changed
+    finally:
+        hub.stop()
+        mirror.close()
+        next(clients, None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,6 +106,10 @@ class WatchHub:
         self.heads: dict[str, tuple[int, int, bool]] = {}
         # With a mirror: heads the mirror did not show yet, key -> (version, index, empty).
         self._unmirrored: dict[str, tuple[int, int, bool]] = {}
+        # The newest mirror view ``_unmirrored`` was checked against: the next check only
+        # looks at the keys changed since (a drifted ZooKeeper leaves thousands unmirrored,
+        # and the mirror changes with every commit).
+        self._checked_view: Mapping[str, Commit] | None = None
         # Heads read from the database by an answer ahead of the feed: key -> (version, index).
         self._learned: dict[str, tuple[int, int]] = {}
         self._unsubscribe: Callable[[], None] | None = None
@@ -192,6 +197,7 @@ class WatchHub:
             with self._lock:
                 self.heads = heads
                 self._unmirrored = dict(heads)
+                self._checked_view = None
                 self.index = max([index, *(h[1] for h in heads.values())])
                 waiters = self._all_waiters()
             self._unsubscribe = self.mirror.subscribe(self._on_view)
@@ -235,6 +241,7 @@ class WatchHub:
 
     def _announce(self, commits: list[Commit]) -> None:
         woken: list[Waiter] = []
+        announced: list[str] = []
         with self._lock:
             for commit in commits:
                 if commit.index is None or commit.index <= self.index:
@@ -244,6 +251,7 @@ class WatchHub:
                     head = (commit.version, commit.index, commit.empty)
                     self.heads[commit.key] = head
                     self._unmirrored[commit.key] = head
+                    announced.append(commit.key)
                 for waiter in self._key_waiters.get(commit.key, ()):
                     if waiter.concerns(commit):
                         woken.append(waiter)
@@ -251,19 +259,35 @@ class WatchHub:
                     if waiter.concerns(commit):
                         woken.append(waiter)
         if self.mirror is not None:
-            self._forget_mirrored(self.mirror.current)
+            # The mirror may show these already (it often hears of a commit before the feed).
+            self._forget_mirrored(announced)
         for waiter in woken:
             waiter.event.set()
 
-    def _on_view(self, view: Mapping[str, Commit]) -> None:
+    def _on_view(self, _view: Mapping[str, Commit]) -> None:
         # On kazoo's thread (a mirror subscriber): in-memory work only, then poke the loop.
-        self._forget_mirrored(view)
+        self._forget_mirrored()
         self.poke()
 
-    def _forget_mirrored(self, view: Mapping[str, Commit]) -> None:
+    def _forget_mirrored(self, announced: Iterable[str] = ()) -> None:
+        """Drop from ``_unmirrored`` what the mirror's newest view shows: the keys just
+        ``announced`` and those the mirror changed since the last check; every key when the
+        mirror cannot say which changed."""
         with self._lock:
-            for key in [k for k, head in self._unmirrored.items() if _shows(view, k, head)]:
-                del self._unmirrored[key]
+            # Read under the lock, so the checked view only moves forward.
+            view = self.mirror.current
+            changed = None
+            if self._checked_view is not None and hasattr(view, "changed_since"):
+                changed = view.changed_since(self._checked_view)
+            self._checked_view = view
+            if changed is None:
+                candidates: Iterable[str] = list(self._unmirrored)
+            else:
+                changed.update(announced)
+                candidates = [k for k in changed if k in self._unmirrored]
+            for key in candidates:
+                if _shows(view, key, self._unmirrored[key]):
+                    del self._unmirrored[key]
 
     # ------------------------------------------------------------------ what answers read
 
