@@ -496,3 +496,32 @@ def test_a_leader_starts_its_storage_before_its_first_pass(keeper, publishers, c
     assert len(lines) == sum(1 for counts in passes if counts.aborted) >= 2
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == lines
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_a_pass_that_left_keys_behind_is_tried_again_within_seconds_not_a_period_later(
+    keeper, publishers, tmp_path
+):
+    from rainer_server.storage.db import DbCommitStorage
+    from rainer_server.storage.db import open_database
+
+    (tmp_path / "db").mkdir()
+    url = f"sqlite:///{tmp_path}/db/rainer.db"
+    writer = DbCommitStorage(open_database(url))
+    writer.start()
+    writer.save(make_commit("a"))
+    writer.stop()
+    # The leader's first pass finds no database (its volume not mounted yet, say) ...
+    (tmp_path / "db").rename(tmp_path / "away")
+    storage = DbCommitStorage(open_database(url))
+    publisher = AutoPublisher(keeper.client, keeper, storage, period=3600, fuzz=0.0, delay=False)
+    publishers.append(publisher)
+    publisher.start()
+    wait_until(lambda: publisher.passes >= 1, what="the first pass")
+    assert publisher.last_counts.aborted and keeper.get("a") is None
+    # ... which is back a moment later: the next pass comes within seconds, not in an hour.
+    (tmp_path / "away").rename(tmp_path / "db")
+    wait_until(lambda: keeper.get("a") == make_commit("a"), timeout=30,
+               what="a pass soon after the failed one")
+    wait_until(lambda: not publisher.last_counts.aborted, what="the pass to count itself")
+    publisher.close()
+    storage.stop()

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 _REJOIN_PAUSE = 1.0
 # A pass gives up after this many keys in a row failed on ZooKeeper itself.
 _MAX_FAILURES_IN_A_ROW = 5
+# After a pass that left keys unpublished (ZooKeeper failing or slow, the storage down), the
+# next one comes this soon, then twice as late each time, up to a period: a fresh cluster
+# whose first publish timed out is not left a period behind its storage.
+_RETRY_FIRST = 1.0
 # How long a pass waits for a fresh mirror's first complete view before going without it.
 _MIRROR_WAIT = 30.0
 # With an injected ``sleep``, waits are cut into slices this long so stop and connection loss
@@ -726,8 +730,10 @@ class AutoPublisher:
             # back from an outage: a whole period of stale or missing znodes is what the delay
             # would cost.
             first = not self.delay or self._repair_after_outage() or self._drifted(term)
+            retry = 0.0  # seconds until a pass that left keys behind is tried again
             while True:
-                if not first and self._wait(self.next_interval(), term):
+                pause = min(retry, self.next_interval()) if retry else self.next_interval()
+                if not first and self._wait(pause, term):
                     break
                 first = False
                 # Someone may have deleted our election node (an operator cleaning up): then
@@ -736,16 +742,22 @@ class AutoPublisher:
                     break
                 self._repair_due = False  # a loss from now on calls for another pass
                 try:
-                    self.publish_all(lambda: self._may_lead(term))
+                    counts = self.publish_all(lambda: self._may_lead(term))
+                    # Refused keys (too large) stay refused: only failures call for a retry.
+                    left_behind = counts.failed or counts.aborted
                 except Exception as exc:
-                    # The storage may be down or its table missing: stay leader and try again
-                    # next period, with one line per pass (a traceback every 90 s of an outage
-                    # would bury everything else in the log).
+                    # The storage may be down or its table missing: stay leader and try again,
+                    # with one line per pass (a traceback per retry of an outage would bury
+                    # everything else in the log).
+                    left_behind = True
                     log.warning(
-                        "Failed to publish commits to %s (will try again next period): %s",
+                        "Failed to publish commits to %s (will try again): %s",
                         self.keeper.data_path,
                         _one_line(exc),
                     )
+                retry = max(_RETRY_FIRST, 2 * retry) if left_behind else 0.0
+                if left_behind and retry < self.period:
+                    log.info("Publishing to %s again in %.0f s", self.keeper.data_path, retry)
         finally:
             self._leading = False
             self._notify(self.leader_listeners, False)
