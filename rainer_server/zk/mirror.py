@@ -408,6 +408,7 @@ class CommitMirror:
         """
         pause = 0.1
         ensured = False
+        failing_since: float | None = None
         while True:
             with self._lock:
                 if self._closed:
@@ -433,11 +434,21 @@ class CommitMirror:
                     if self.keeper.wait_for(exists, deadline) is not None:
                         changed.set()  # created in between: list it right away
             except KeeperError as exc:
-                log.warning("Mirror of %s: cannot list keys yet: %s", self.data_path, exc)
+                # A client started with start_async() refuses requests until its connection
+                # thread runs: every boot met that once, and a warning for it cried wolf.
+                failing_since = failing_since or listed_at
+                quiet = listed_at - failing_since < self.keeper.timeout
+                log.log(
+                    logging.DEBUG if quiet else logging.WARNING,
+                    "Mirror of %s: cannot list keys yet: %s",
+                    self.data_path,
+                    exc,
+                )
                 self._closing.wait(pause)
                 pause = min(pause * 2, 1.0)
                 continue
             pause = 0.1
+            failing_since = None
             self.listings += 1
             new = self._on_children(children)
             took = time.monotonic() - listed_at
