@@ -670,3 +670,41 @@ def test_a_queued_set_gives_up_at_its_deadline_and_leaves_the_queue(keeper, clie
         combiner.set(keeper.znode("a"), b"x", 0, time.monotonic() + 0.2)
     assert 0.2 <= time.monotonic() - started < 5
     assert combiner._queue == []
+
+
+def test_a_mirror_opened_as_its_client_starts_warns_of_nothing(zk_chroot, caplog):
+    # What a gunicorn worker does at boot: start_async(), then the mirror at once, which may
+    # ask before the connection thread runs; the client refuses that (ConnectionClosedError)
+    # and the mirror asks again. No news for an operator: a warning there cried wolf at
+    # every boot.
+    client = make_kazoo_client(zk_chroot, session_timeout=10)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="rainer_server.zk.mirror"):
+            mirror = CommitKeeper(client, "/boot").mirror(wait=False)
+            wait_until(lambda: "cannot list keys yet" in caplog.text, what="a refused listing")
+            client.start_async()
+            assert mirror.wait_initialized(30)
+            mirror.close()
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        client.stop()
+        client.close()
+
+
+def test_a_mirror_whose_zookeeper_stays_out_of_reach_says_so(caplog):
+    # Port 9 (discard) on loopback refuses at once: the client never connects.
+    client = make_kazoo_client("127.0.0.1:9", session_timeout=10)
+    client.start_async()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="rainer_server.zk.mirror"):
+            mirror = CommitKeeper(client, "/boot", timeout=0.5).mirror(wait=False)
+            wait_until(
+                lambda: any(r.levelno == logging.WARNING for r in caplog.records),
+                timeout=30,
+                what="a warning that the mirror cannot list its keys",
+            )
+            mirror.close()
+        assert "cannot list keys yet" in caplog.text
+    finally:
+        client.stop()
+        client.close()
