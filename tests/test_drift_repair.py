@@ -82,7 +82,9 @@ def test_keys_written_during_an_outage_are_repaired_as_soon_as_the_client_reconn
             storage.save(commit("moved", version))
         storage.save(commit("deleted", 2))
         storage.save(commit("deleted", 3, payload=None))
-        assert repair.suspects == {"moved", "deleted"}
+        # Waited for, not read at once: until the repair's own state listener (called after
+        # the test's, or before) has run, its thread may be holding the suspects it took.
+        wait_until(lambda: repair.suspects == {"moved", "deleted"}, what="both keys suspected")
         # What a new ZooKeeper leader does with a write logged before the outage: it commits
         # it when quorum returns, over a znode nobody else could change meanwhile.
         other = CommitKeeper(zk, BASE)
@@ -154,9 +156,13 @@ def test_a_leader_back_from_a_connection_loss_publishes_at_once_not_a_period_lat
         storage.save(commit("k", 2))  # by a process that died before publishing it
         proxy.restore()
         # Deadlines generous for a loaded machine, and still far below the period.
-        # The pass counts itself after its writes: wait for both, not only the znode.
-        wait_until(lambda: znode_version(zk, "k") == 2 and publisher.passes >= 1, timeout=30,
-                   what="a pass right after the reconnect")
+        # The pass counts itself after its writes, and records its counts after that: wait
+        # for the znode and the counts, not only the znode or the count.
+        wait_until(
+            lambda: znode_version(zk, "k") == 2 and publisher.last_counts is not None,
+            timeout=30,
+            what="a pass right after the reconnect",
+        )
         assert publisher.passes == 1
         assert publisher.last_counts.updated == 1
     finally:

@@ -105,7 +105,13 @@ def test_readyz_follows_zookeeper_going_down_and_up(zk_chroot, tmp_path):
         wait_for(lambda: status() == (200, ready), 15, "ready")
 
         proxy.cut()
-        code, checks = wait_for(lambda: (s := status())[0] == 503 and s, 10, "not ready")
+        # kazoo says "not connected" before it calls the mirror's state listener, which marks
+        # it stale: wait for both.
+        code, checks = wait_for(
+            lambda: (s := status())[0] == 503 and s[1]["mirror"].startswith("stale since") and s,
+            10,
+            "not ready, with a stale mirror",
+        )
         assert checks["zookeeper"].startswith("not connected")
         assert checks["database"] == "ok"
         # The mirror cannot see changes while disconnected: it says so, and since when...

@@ -96,17 +96,20 @@ def test_paths(client):
 
 def test_not_connected_fails_fast_once_the_first_connect_window_is_over(zk_chroot):
     c = make_kazoo_client(zk_chroot)  # never started
-    keeper = CommitKeeper(c, BASE, timeout=0.3)
+    # The window opens when the keeper is made: timed from before that, the first save takes
+    # at least the whole window however the test is scheduled. A window long enough that the
+    # bounds, loose for a loaded machine, still tell failing at once from waiting it out.
     started = time.monotonic()
+    keeper = CommitKeeper(c, BASE, timeout=1.0)
     with pytest.raises(KeeperError):
-        keeper.save(make_commit())  # waits out what is left of the 0.3 s window
-    assert 0.2 < time.monotonic() - started < 0.6
+        keeper.save(make_commit())  # waits out what is left of the 1 s window
+    assert 0.95 < time.monotonic() - started < 2.0
     started = time.monotonic()
     with pytest.raises(KeeperError):
         keeper.save(make_commit())
     with pytest.raises(KeeperError):
         keeper.get("what")
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.5
     c.close()
 
 
@@ -534,7 +537,9 @@ def test_a_new_key_shows_up_within_a_second_after_opening_over_many(keeper, othe
         started = time.monotonic()
         other.create(keeper.znode("new"), make_commit(key="new").serialize())
         wait_until(lambda: "new" in mirror.current, what="the new key", timeout=10)
-        assert time.monotonic() - started < 1.5
+        # At most about a second (the next listing is at most CHILDREN_RELIST_MAX_INTERVAL
+        # away, then a read): loose for a loaded machine, still well below the 16 s above.
+        assert time.monotonic() - started < 5.0
 
 
 def test_a_key_zookeeper_refuses_is_an_invalid_commit(keeper, client):
@@ -566,7 +571,9 @@ def test_mirror_follows_existing_keys_after_a_connection_drop_that_keeps_the_ses
             assert mirror.stale_since is None
             proxy.cut()
             wait_until(lambda: "SUSPENDED" in states, what="the connection to drop")
-            assert mirror.stale_since is not None  # it cannot see changes now, and says so
+            # It cannot see changes now, and says so: from its own state listener, which kazoo
+            # may call after the test's.
+            wait_until(lambda: mirror.stale_since is not None, what="the mirror to say it is stale")
             proxy.restore()
             wait_until(lambda: client.connected, what="the reconnect")
             wait_until(lambda: mirror.stale_since is None, what="the mirror to follow again")

@@ -128,12 +128,14 @@ def test_keeper_publishing_fails_fast_without_a_connection(zk_chroot, caplog):
     from rainer_server.zk.keeper import CommitKeeper
 
     never_started = make_kazoo_client(zk_chroot)
-    keeper = CommitKeeper(never_started, BASE, timeout=0.3)
+    # A window long enough that the second save's bound, loose for a loaded machine, still
+    # tells failing at once from waiting the window out again.
+    keeper = CommitKeeper(never_started, BASE, timeout=1.0)
     storage = keeper_publishing(MemoryCommitStorage(), keeper)
     with caplog.at_level(logging.WARNING, logger="rainer_server.storage.publishing"):
         # The first save waits out the keeper's first-connect window, bounded by its timeout.
-        assert timed_save(storage, make_commit()) < 0.6
-        assert timed_save(storage, make_commit(version=2)) < 0.1
+        assert timed_save(storage, make_commit()) < 2.0
+        assert timed_save(storage, make_commit(version=2)) < 0.5
     assert storage.get("what") == make_commit(version=2)
     assert "the auto-publisher will retry" in caplog.text
     never_started.close()
@@ -195,8 +197,10 @@ def test_saves_succeed_while_zookeeper_is_down_and_the_publisher_repairs(
     assert "the auto-publisher will retry" in caplog.text
     assert r.storage.get("a").version == 3 and r.storage.get("b") is not None
 
-    restarted = time.monotonic()
+    # After start() returns: it blocks until the JVM answers, which under load can take
+    # longer than the whole bound and is not what the bound is about.
     own_zk.start()
+    restarted = time.monotonic()
     wait_until(
         lambda: (
             client.connected

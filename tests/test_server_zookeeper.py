@@ -71,6 +71,12 @@ def test_writes_reach_zookeeper_and_reads_come_from_the_mirror(zk_app, zk):
     rainer = zk_app.extensions["rainer"]
     wait_for(lambda: rainer.cached_view() is not None, message="mirror")
     wait_for(lambda: "svc" in rainer.mirror.current, message="svc in mirror")
+    # The listing is cached once the watch hub, told of the view after the mirror shows it,
+    # finds every head mirrored: a moment later.
+    wait_for(
+        lambda: client.get("/diary").headers.get("X-Rainer-Cached") == "Yes",
+        message="the listing from the mirror",
+    )
     for url in ("/diary", "/diary/svc", "/diary/svc/meta"):
         r = client.get(url)
         assert r.status_code == 200 and r.headers.get("X-Rainer-Cached") == "Yes", url

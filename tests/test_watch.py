@@ -174,8 +174,13 @@ def test_a_key_that_does_not_exist_yet_can_be_waited_on(server):
     post(base, "other", 1)
     status, headers, _ = call(f"{base}/new")
     assert status == 404 and headers["X-Rainer-Index"] == "0"
-    later(0.3, post, base, "other", 2)  # not this key: no wake-up
-    later(0.6, post, base, "new", 1, b'{"new": true}')
+
+    def others() -> None:
+        post(base, "other", 2)  # not this key: no wake-up
+        time.sleep(0.3)
+        post(base, "new", 1, b'{"new": true}')
+
+    later(0.3, others)  # one thread: two could post in either order
     status, headers, body = call(f"{base}/new?index=0&wait=20s")
     assert status == 200 and body == b'{"new": true}' and headers["X-Rainer-Index"] == "3"
 
@@ -192,11 +197,12 @@ def test_blocking_on_a_prefix_wakes_only_for_changes_under_it(server):
     base = server.url
     post(base, "pay.a", 1)
     post(base, "web.a", 1)
-    later(0.2, post, base, "web.a", 2)  # outside the prefix
+    outside = later(0.2, post, base, "web.a", 2)  # outside the prefix
     started = time.monotonic()
     status, headers, body = call(f"{base}?prefix=pay.&index=1&wait=1s")
     assert time.monotonic() - started >= 1.0, "woken by a change outside the prefix"
     assert headers["X-Rainer-Index"] == "1" and list(json.loads(body)) == ["pay.a"]
+    outside.join(30)  # index 3, before pay.b's post below (a loaded machine may delay it)
     later(0.2, post, base, "pay.b", 1)
     status, headers, body = call(f"{base}?prefix=pay.&index=1&wait=20s")
     assert sorted(json.loads(body)) == ["pay.a", "pay.b"] and headers["X-Rainer-Index"] == "4"
@@ -259,8 +265,13 @@ def test_the_client_pages_and_watches(server):
     assert client.index() == 5 and client.index(prefix="zz") == 0
     seen = []
     watch = client.watch(key="k", wait=5)
-    later(0.3, client.post_commit, {"key": "k.other", "version": 1, "author": "t"}, b"{}")
-    later(0.5, client.post_commit, {"key": "k", "version": 6, "author": "t"}, b'{"n": 6}')
+
+    def others() -> None:
+        client.post_commit({"key": "k.other", "version": 1, "author": "t"}, b"{}")
+        time.sleep(0.2)
+        client.post_commit({"key": "k", "version": 6, "author": "t"}, b'{"n": 6}')
+
+    later(0.3, others)  # one thread: two could post in either order
     for commit in watch:
         seen.append(commit)
         break
@@ -316,8 +327,13 @@ def test_watchers_never_learn_of_keys_they_may_not_read(guarded):
     # ...nor shows in her feed, with or without waiting.
     feed = json.loads(call(f"{base}?changes_since=0", headers=alice)[2])
     assert [c["key"] for c in feed["changes"]] == ["public.a"]
-    later(0.2, post, base, "secret.b", 1, **admin)
-    later(0.5, post, base, "public.a", 2, **alice)
+
+    def others() -> None:
+        post(base, "secret.b", 1, **admin)
+        time.sleep(0.3)
+        post(base, "public.a", 2, **alice)
+
+    later(0.2, others)  # one thread: two could post in either order
     feed = json.loads(call(f"{base}?changes_since={feed['index']}&wait=20s", headers=alice)[2])
     assert [(c["key"], c["version"]) for c in feed["changes"]] == [("public.a", 2)]
     # Nor can she wait on a secret key.
@@ -373,15 +389,19 @@ def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
     keeper = CommitKeeper(client, "/hub")
     mirror = keeper.mirror()
     hub = WatchHub(db_storage, mirror, poll_interval=600.0)
+    views = []
     try:
         hub.start()
         assert hub.wait_ready(10)
+        # The mirror shows a view before it tells its subscribers, in the order they came: a
+        # view this later subscriber has seen, the hub's has been told of (and poked it).
+        mirror.subscribe(views.append)
         hub.mirror_index()  # the hub's own first pass may still be reading: wait it out
         for version in (1, 2):
             kept = db_storage.save(commit("k", version))
             keeper.save(kept)
-            wait_until(lambda v=version: mirror.current.get("k") is not None
-                       and mirror.current["k"].version == v, what="the mirror")
+            wait_until(lambda v=version: views[-1].get("k") is not None
+                       and views[-1]["k"].version == v, what="the mirror")
             assert hub.mirror_index() == kept.index
             assert hub.head_index("k", version) == kept.index
     finally:
