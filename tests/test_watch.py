@@ -3,6 +3,7 @@ what sees only what it may read. In-process live servers here; gunicorn in test_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -370,6 +371,28 @@ def test_a_waiter_registered_before_the_hub_starts_wakes_for_a_commit_before_it_
         hub.stop()
 
 
+@contextlib.contextmanager
+def hub_over_a_mirror(db_storage, zk_chroot):
+    """(keeper, mirror, hub): a started watch hub following ``db_storage`` with a mirror of
+    a keeper in ``zk_chroot``; everything stopped on exit."""
+    from rainer_server.web.watch import WatchHub
+    from rainer_server.zk.keeper import CommitKeeper
+    from tests.zk_support import started_client
+
+    clients = started_client(zk_chroot)
+    keeper = CommitKeeper(next(clients), "/hub")
+    mirror = keeper.mirror()
+    hub = WatchHub(db_storage, mirror, poll_interval=600.0)
+    try:
+        hub.start()
+        assert hub.wait_ready(10)
+        yield keeper, mirror, hub
+    finally:
+        hub.stop()
+        mirror.close()
+        next(clients, None)
+
+
 @pytest.mark.zookeeper
 def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
     db_storage, zk_chroot, monkeypatch
@@ -378,21 +401,11 @@ def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
     from the mirror claims the hub's index, and must not claim less than the mirror shows
     because the hub is pausing."""
     from rainer_server.web import watch
-    from rainer_server.web.watch import WatchHub
-    from rainer_server.zk.keeper import CommitKeeper
     from tests.storage_contract import commit
-    from tests.zk_support import started_client
 
     monkeypatch.setattr(watch, "IDLE_BATCH", 600.0)  # the hub's thread reads nothing more
-    clients = started_client(zk_chroot)
-    client = next(clients)
-    keeper = CommitKeeper(client, "/hub")
-    mirror = keeper.mirror()
-    hub = WatchHub(db_storage, mirror, poll_interval=600.0)
     views = []
-    try:
-        hub.start()
-        assert hub.wait_ready(10)
+    with hub_over_a_mirror(db_storage, zk_chroot) as (keeper, mirror, hub):
         # The mirror shows a view before it tells its subscribers, in the order they came: a
         # view this later subscriber has seen, the hub's has been told of (and poked it).
         mirror.subscribe(views.append)
@@ -404,10 +417,6 @@ def test_an_answer_claiming_the_index_reads_the_feed_the_pausing_hub_has_not(
                        and views[-1]["k"].version == v, what="the mirror")
             assert hub.mirror_index() == kept.index
             assert hub.head_index("k", version) == kept.index
-    finally:
-        hub.stop()
-        mirror.close()
-        next(clients, None)
 
 
 @pytest.mark.zookeeper
@@ -419,24 +428,14 @@ def test_the_mirror_serves_answers_once_it_shows_every_head_whichever_heard_firs
     the feed did or after; and each mirror change costs a check of the keys it changed, not of
     every head still missing (thousands while a first publish is pending)."""
     from rainer_server.web import watch
-    from rainer_server.web.watch import WatchHub
-    from rainer_server.zk.keeper import CommitKeeper
     from tests.storage_contract import commit
-    from tests.zk_support import started_client
 
     monkeypatch.setattr(watch, "IDLE_BATCH", 600.0)  # the feed is read when an answer asks
     drifted = [db_storage.save(commit(f"drift-{n:03d}", 1)) for n in range(200)]
-    clients = started_client(zk_chroot)
-    client = next(clients)
-    keeper = CommitKeeper(client, "/hub")
-    mirror = keeper.mirror()
-    hub = WatchHub(db_storage, mirror, poll_interval=600.0)
     checks = []
     shows = watch._shows
     monkeypatch.setattr(watch, "_shows", lambda *a: checks.append(a[1]) or shows(*a))
-    try:
-        hub.start()
-        assert hub.wait_ready(10)
+    with hub_over_a_mirror(db_storage, zk_chroot) as (keeper, mirror, hub):
         assert hub.mirror_index() is None  # 200 heads ZooKeeper lacks
         # The mirror hears of "early" before the feed does: the feed's announcement must
         # find it shown.
@@ -462,7 +461,3 @@ def test_the_mirror_serves_answers_once_it_shows_every_head_whichever_heard_firs
         wait_until(lambda: hub.mirror_index() is not None, what="every head mirrored")
         assert hub.mirror_index() == late.index
         assert len(checks) <= 1 + len(drifted)  # each key checked when its znode changed
-    finally:
-        hub.stop()
-        mirror.close()
-        next(clients, None)
