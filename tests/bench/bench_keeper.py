@@ -445,17 +445,17 @@ def bench_latency(hosts: str, rainer: Gunicorn, clients: list, samples: int, blo
 
 
 def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
-                                 connections: int, threads: int) -> dict:
+                                 connections: int, threads: int, key: str = LOAD_KEY) -> dict:
     """Commit -> another process's mirror while wrk POSTs next versions (post.lua) at Rainer.
 
-    Samples are POSTs of ``LOAD_KEY``'s next version, sent one after the other in between
+    Samples are POSTs of ``key``'s next version, sent one after the other in between
     wrk's requests (each waits for the observer's mirror to show the previous one), timed from
     just before sending to the observer's callback.
     """
     import subprocess
     import uuid
 
-    observer = Observer("mirror", hosts, BASE_PATH, LOAD_KEY)
+    observer = Observer("mirror", hosts, BASE_PATH, key)
     observer.wait_ready()
     version = 0
     samples: list[float] = []
@@ -467,11 +467,11 @@ def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
     # Version 1 before the load: the samples time updates, not how soon a mirror lists a
     # new key (a listing of data/, see the mirror's CHILDREN_RELIST_*).
     version = 1
-    status, _, answer = http_request(rainer.base, "POST", f"/diary/{LOAD_KEY}/1",
-                                     make_payload(LOAD_KEY, 1), AUTHOR)
+    status, _, answer = http_request(rainer.base, "POST", f"/diary/{key}/1",
+                                     make_payload(key, 1), AUTHOR)
     if status != 200:
-        raise RuntimeError(f"POST {LOAD_KEY}/1: {status} {answer[:300]!r}")
-    observer.wait_for(LOAD_KEY, 1)
+        raise RuntimeError(f"POST {key}/1: {status} {answer[:300]!r}")
+    observer.wait_for(key, 1)
     wrk = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = time.monotonic()
@@ -480,12 +480,12 @@ def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
         while time.monotonic() - started < seconds - 1.0:
             version += 1
             t0 = now_ns()
-            status, _, answer = http_request(rainer.base, "POST", f"/diary/{LOAD_KEY}/{version}",
-                                             make_payload(LOAD_KEY, version), AUTHOR)
+            status, _, answer = http_request(rainer.base, "POST", f"/diary/{key}/{version}",
+                                             make_payload(key, version), AUTHOR)
             t1 = now_ns()
             if status != 200:
-                raise RuntimeError(f"POST {LOAD_KEY}/{version}: {status} {answer[:300]!r}")
-            arrived = observer.wait_for(LOAD_KEY, version)
+                raise RuntimeError(f"POST {key}/{version}: {status} {answer[:300]!r}")
+            arrived = observer.wait_for(key, version)
             samples.append((arrived - t0) / 1e6)
             after_200.append((arrived - t1) / 1e6)
         out, err = wrk.communicate(timeout=seconds + 60)
@@ -502,6 +502,7 @@ def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
             # From the 200 arriving: what the server's own queueing under load leaves out.
             "after_200_p50_ms": percentile(after_200, 50),
             "after_200_p99_ms": percentile(after_200, 99),
+            "connections": connections,
             "load_rps": load.rps, "load_p50_ms": load.p50_ms, "load_non2xx": load.non2xx,
             "load_socket_errors": load.socket_errors}
 
@@ -645,6 +646,12 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
                      f"p50 {loaded['load_p50_ms']:.1f} ms each (post.lua next versions)")
         row("  the same from the 200 arriving p50", loaded["after_200_p50_ms"], "ms",
             note=f"p99 {loaded['after_200_p99_ms']:.2f} ms: the delivery alone")
+    light = extra.get("propagation_light_load")
+    if light:
+        for q in ("p50", "p99"):
+            row(f"commit->other mirror {q}, POST sent, light POST load", light[f"{q}_ms"], "ms",
+                note=f"information: n={light['n']} while wrk -c{light['connections']} POSTed "
+                     f"{light['load_rps']:.0f} req/s, p50 {light['load_p50_ms']:.1f} ms each")
     if gets:
         r = gets["rainer"]
         for name, target in (("flask_dict", 0.9), ("bare_wsgi", None)):
@@ -761,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of POST load while propagation is sampled")
     parser.add_argument("--load-connections", type=int, default=32,
                         help="wrk connections of that POST load")
+    parser.add_argument("--light-connections", type=int, default=2,
+                        help="wrk connections of a second, lighter POST load (information: "
+                             "the saturating one times mostly the queue in front of the POST)")
     parser.add_argument("--only-load", action="store_true",
                         help="skip the publisher, idle latency and GET rounds (debugging)")
     parser.add_argument("--mysql", default="mysql://root@127.0.0.1:3306",
@@ -859,9 +869,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"latency under POST load ({loaded['load_rps']:.0f} req/s): p50 "
             f"{loaded['p50_ms']:.2f} ms, p99 {loaded['p99_ms']:.2f} ms, max "
             f"{loaded['max_ms']:.1f} ms (n={loaded['n']})")
-        if loaded["load_non2xx"] or loaded["load_socket_errors"]:
-            invalid.append(f"POST load: {loaded['load_non2xx']} non-2xx, "
-                           f"{loaded['load_socket_errors']} socket errors")
+        light = bench_propagation_under_load(
+            zk.hosts, servers["rainer"], args.load_seconds, args.light_connections,
+            min(args.threads, args.light_connections), key=LOAD_KEY + "-light",
+        )
+        extra["propagation_light_load"] = light
+        log(f"latency under a light POST load ({light['load_rps']:.0f} req/s): p50 "
+            f"{light['p50_ms']:.2f} ms, p99 {light['p99_ms']:.2f} ms, max "
+            f"{light['max_ms']:.1f} ms (n={light['n']})")
+        for load in (loaded, light):
+            if load["load_non2xx"] or load["load_socket_errors"]:
+                invalid.append(f"POST load: {load['load_non2xx']} non-2xx, "
+                               f"{load['load_socket_errors']} socket errors")
         invalid += verify_cached(servers["rainer"].base)
         invalid += verify_cached(servers["rainer_auth"].base, sent=auth)
         if not args.only_load:
