@@ -755,7 +755,7 @@ class AutoPublisher:
                         self.keeper.data_path,
                         _one_line(exc),
                     )
-                retry = max(_RETRY_FIRST, 2 * retry) if left_behind else 0.0
+                retry = min(max(_RETRY_FIRST, 2 * retry), self.period) if left_behind else 0.0
                 if left_behind and retry < self.period:
                     log.info("Publishing to %s again in %.0f s", self.keeper.data_path, retry)
         finally:
