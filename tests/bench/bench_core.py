@@ -379,7 +379,8 @@ def scenarios(connections: int, threads: int) -> list[Scenario]:
         Scenario("post_next", "POST next versions, distinct keys", "post-next", rainer,
                  POST_TABLE, "/diary", "post.lua", next_args, post_probe),
         # As the README deploys it: every worker publishes to ZooKeeper and mirrors it. The
-        # ZooKeeper settings are filled in by main() (zk_env), the table is the same.
+        # ZooKeeper settings are filled in by main() (zk_env); its table is its own
+        # (ZK_POST_TABLE, see there).
         Scenario("post_next_zk", "POST next versions, with ZooKeeper", "post-next", rainer,
                  ZK_POST_TABLE, "/diary", "post.lua", next_args, post_probe, zookeeper=True),
         Scenario("floor_d_new", "(d) insert txn, new keys v1", "post-new",

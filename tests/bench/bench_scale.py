@@ -141,37 +141,27 @@ def settle(server: Gunicorn, window: float = 0.5, timeout: float = 300) -> None:
     the watch hub's index of every head read the whole journal: seconds at 100k keys); a
     listing timed meanwhile measured that work too, as much as the listing.
     """
-    master = server.process.pid
-
-    def workers_cpu() -> float:
-        total = 0.0
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = proc_stat(int(entry))
-                if stat is not None and stat[0] == master:
-                    total += stat[1]
-        return total
-
     deadline = time.monotonic() + timeout
-    before = workers_cpu()
+    before = sum(workers(server).values())
     while time.monotonic() < deadline:
         time.sleep(window)
-        now = workers_cpu()
+        now = sum(workers(server).values())
         if now - before < window / 10:
             return
         before = now
     raise RuntimeError("the gunicorn workers never went quiet")
 
 
-def worker_pids(server: Gunicorn) -> set[int]:
+def workers(server: Gunicorn) -> dict[int, float]:
+    """The server's workers: pid -> CPU seconds used so far."""
     master = server.process.pid
-    pids = set()
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             stat = proc_stat(int(entry))
             if stat is not None and stat[0] == master:
-                pids.add(int(entry))
-    return pids
+                found[int(entry)] = stat[1]
+    return found
 
 
 def cold_listing(server: Gunicorn, url: str, ready, samples: int) -> tuple[float, int]:
@@ -184,10 +174,10 @@ def cold_listing(server: Gunicorn, url: str, ready, samples: int) -> tuple[float
     times, size = [], 0
     for sample in range(samples):
         if sample:
-            old = worker_pids(server)
+            old = set(workers(server))
             for pid in old:
                 os.kill(pid, signal.SIGTERM)
-            wait(lambda: (pids := worker_pids(server)) and not pids & old, 120,
+            wait(lambda: (pids := set(workers(server))) and not pids & old, 120,
                  "a new worker")
             wait(ready, 600, "the new worker's mirror")
         settle(server)
