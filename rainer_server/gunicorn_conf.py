@@ -67,6 +67,8 @@ errorlog = "-"
 # The proxy in front (deploy/nginx/rainer.conf) runs on the same host: trust its
 # X-Forwarded-Proto. Behind a proxy elsewhere, set FORWARDED_ALLOW_IPS to its address.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# gunicorn's logger computes every atom it knows for each line; this one only those named below.
+logger_class = "rainer_server.gunicorn_logging.AccessLogger"
 # The default format plus the client address nginx forwards and the time taken (ms).
 access_log_format = (
     '%(h)s %({x-forwarded-for}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'

@@ -75,6 +75,7 @@ LAYER_OF = {
     "wsgi": "process",
     "gunicorn_conf": "process",
     "gunicorn_hooks": "process",
+    "gunicorn_logging": "process",
 }
 MAY_IMPORT = {
     "core": {"core"},
