@@ -21,7 +21,10 @@ and bursts of load spread over all of them):
 - Rainer through nginx, uncached: the same reads by a caller that sends credentials (an
   ``Authorization`` header, which the service without access control ignores), which nginx
   passes to gunicorn every time;
-- Rainer direct: the same reads, with the same header, straight to gunicorn.
+- Rainer direct: the same reads, with the same header, straight to gunicorn;
+- Rainer through a bare nginx proxy (a second nginx that passes requests on over kept
+  connections and does nothing else): not a target, the ceiling of any proxy in front on a
+  machine where it shares the CPUs with gunicorn and wrk.
 
 Targets (ratios of paired rounds, medians): cached via nginx >= 1.0x etcd v3 range (stretch:
 >= etcd v2 GET), uncached via nginx >= 0.95x direct. Every answer is checked before it is
@@ -182,14 +185,31 @@ def b64(data: bytes | str) -> str:
 class NginxSite:
     """deploy/nginx/rainer.conf in an nginx.conf like Debian's, on a loopback port."""
 
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, bare: bool = False) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        prefix = workdir / "nginx"
+        prefix = workdir / ("nginx-bare" if bare else "nginx")
         prefix.mkdir()
-        # tests/test_nginx.py's rendering (ports, cache directory) inside Debian's defaults.
-        site = render(SITE.read_text(), self.port, upstream_port, prefix)
-        site = site.split("http {", 1)[1].rsplit("}", 1)[0]
+        if bare:
+            # The least any reverse proxy does: pass the request on over a kept connection,
+            # log nothing, cache nothing, add no header. What it costs is the ceiling of
+            # "uncached via nginx / direct" on a machine where nginx shares the CPUs.
+            site = f"""
+    access_log off;
+    upstream rainer {{ server 127.0.0.1:{upstream_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://rainer;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+        else:
+            # tests/test_nginx.py's rendering (ports, cache directory) inside Debian's defaults.
+            site = render(SITE.read_text(), self.port, upstream_port, prefix)
+            site = site.split("http {", 1)[1].rsplit("}", 1)[0]
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = f"""{user}worker_processes auto;
 events {{ worker_connections 768; }}
@@ -254,7 +274,7 @@ def http_get(base: str, path: str, headers: dict[str, str] | None = None,
 # ====================================================================== scenarios
 
 
-def scenarios(etcd: Etcd, site: NginxSite, rainer: Gunicorn) -> dict[str, dict]:
+def scenarios(etcd: Etcd, site: NginxSite, rainer: Gunicorn, bare: NginxSite) -> dict[str, dict]:
     """Each measured request: where wrk sends it, and how its answer is checked first."""
     json_headers = ["Content-Type: application/json"]
     put_value = VALUE.decode("ascii")
@@ -285,6 +305,9 @@ def scenarios(etcd: Etcd, site: NginxSite, rainer: Gunicorn) -> dict[str, dict]:
         "rainer direct": {
             "base": rainer.base, "script": "get.lua", "args": ["/diary", "1", "0", CREDENTIAL],
         },
+        "rainer via a bare nginx proxy": {
+            "base": bare.base, "script": "get.lua", "args": ["/diary", "1", "0", CREDENTIAL],
+        },
     }
 
 
@@ -293,10 +316,12 @@ TARGETS = [
     ("rainer via nginx, cached", "etcd v3 range", 1.0, "target"),
     ("rainer via nginx, cached", "etcd v2 GET", 1.0, "stretch"),
     ("rainer via nginx, uncached", "rainer direct", 0.95, "target"),
+    # Not a target: how far any proxy in front can get on this machine (see NginxSite).
+    ("rainer via a bare nginx proxy", "rainer direct", None, "ceiling"),
 ]
 
 
-def verify(etcd: Etcd, site: NginxSite, rainer: Gunicorn) -> list[str]:
+def verify(etcd: Etcd, site: NginxSite, rainer: Gunicorn, bare: NginxSite) -> list[str]:
     """Every measured request answers what it should; the problems, if any."""
     problems = []
     auth = {"Authorization": f"Bearer {CREDENTIAL}"}
@@ -308,9 +333,10 @@ def verify(etcd: Etcd, site: NginxSite, rainer: Gunicorn) -> list[str]:
     status, body = etcd.call("GET", f"/v2/keys/{KEY}")
     if status != 200 or json.loads(body)["node"]["value"] != VALUE.decode():
         problems.append(f"etcd v2 GET: {status} {body[:200]!r}")
-    status, headers, body = http_get(rainer.base, f"/diary/{KEY}", auth)
-    if status != 200 or body != VALUE:
-        problems.append(f"rainer direct: {status} {body[:200]!r}")
+    for name, base in (("rainer direct", rainer.base), ("a bare nginx proxy", bare.base)):
+        status, headers, body = http_get(base, f"/diary/{KEY}", auth)
+        if status != 200 or body != VALUE:
+            problems.append(f"{name}: {status} {body[:200]!r}")
     # The cached read is a HIT once the first answer is in (the second, or after the lock).
     deadline = time.monotonic() + 10
     while True:
@@ -378,6 +404,14 @@ def build_table(rows: dict[str, dict]) -> list[dict]:
     for figure, against, target, kind in TARGETS:
         a, b = rows[figure], rows[against]
         ratio = paired_ratio(a, b)
+        if target is None:
+            table.append({"scenario": f"{figure} / {against}", "rps": a["rps"],
+                          "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
+                          "errors": a["errors"] + b["errors"],
+                          "bg_pct": max(a["bg_pct"], b["bg_pct"]), "against": against,
+                          "ratio": ratio, "target": f"({kind})", "verdict": "",
+                          "kind": kind, "floor_rps": b["rps"]})
+            continue
         disturbed = max(a["bg_pct"], b["bg_pct"]) > DISTURBED_PCT
         errors = a["errors"] + b["errors"]
         if errors:
@@ -456,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         rainer.wait_ready()
         site = NginxSite(workdir, rainer.port)
         site.wait_ready()
+        bare = NginxSite(workdir, rainer.port, bare=True)
+        bare.wait_ready()
         log(f"etcd {'.'.join(map(str, etcd.version))} at {etcd.base} (v3 gateway {etcd.v3}), "
             f"rainer at {rainer.base} ({args.workers} gevent workers, MariaDB, ZooKeeper), "
             f"nginx at {site.base}")
@@ -478,17 +514,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("the mirror never served the key")
             time.sleep(0.05)
 
-        problems = verify(etcd, site, rainer)
+        problems = verify(etcd, site, rainer, bare)
         if problems:
             for problem in problems:
                 print(f"INVALID: {problem}")
             return 2
-        roots = [etcd.process.pid, rainer.process.pid, site.process.pid]
+        roots = [etcd.process.pid, rainer.process.pid, site.process.pid, bare.process.pid]
         idle_before = idle_background(roots)
         log(f"background CPU with ours idle: {idle_before:.0f}% of the CPUs")
-        rows = measure(scenarios(etcd, site, rainer), roots, args)
+        rows = measure(scenarios(etcd, site, rainer, bare), roots, args)
         # The measured answers are still right (nothing broke under load).
-        problems = verify(etcd, site, rainer)
+        problems = verify(etcd, site, rainer, bare)
         load_after = loadavg()
 
         table = build_table(rows)
