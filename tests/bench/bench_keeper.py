@@ -72,6 +72,7 @@ from keeper_support import http_request  # noqa: E402
 from keeper_support import mysql_execute  # noqa: E402
 from keeper_support import now_ns  # noqa: E402
 from keeper_support import parse_wrk  # noqa: E402
+from keeper_support import proc_stat  # noqa: E402
 from keeper_support import run_wrk  # noqa: E402
 from keeper_support import tree_cpu  # noqa: E402
 
@@ -507,6 +508,103 @@ def bench_propagation_under_load(hosts: str, rainer: Gunicorn, seconds: float,
             "load_socket_errors": load.socket_errors}
 
 
+# ====================================================================== 3b. ZooKeeper's own cost
+
+
+#: The ZooKeeper floor's shape: sets spread over this many znodes by this many threads of one
+#: client (a worker's concurrent saves), each change re-read by this many other processes.
+ZK_FLOOR_KEYS = 200
+ZK_FLOOR_THREADS = 16
+ZK_FLOOR_MIRRORS = 2
+
+
+def _zk_floor_mirror(hosts: str, path: str, ready, done, answers) -> None:
+    """A process's least mirror: each watch that fires re-reads its znode with a new watch."""
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=hosts)
+    client.start(timeout=15)
+    events = [0]
+
+    def changed(event) -> None:
+        events[0] += 1
+        client.get_async(event.path, watch=changed)
+
+    for i in range(ZK_FLOOR_KEYS):
+        client.get(f"{path}/k{i}", watch=changed)
+    cpu0 = proc_stat(os.getpid())[1]
+    ready.set()
+    done.wait()
+    answers.put((proc_stat(os.getpid())[1] - cpu0, events[0]))
+    client.stop()
+    client.close()
+
+
+def bench_zookeeper_floor(hosts: str, jvm_pid: int, sets: int = 8000) -> dict:
+    """CPU per commit of the least ZooKeeper work a mirrored commit needs, with bare kazoo:
+    one ``set`` (16 threads of one client, as a worker's concurrent saves) and, in each of
+    ``ZK_FLOOR_MIRRORS`` other processes, the watch firing and one ``get`` with a new watch.
+
+    Split into the writer's CPU, the mirrors' and ZooKeeper's JVM, on the same CPUs as the
+    service: what "POST with ZooKeeper / POST without" pays on this machine before any of
+    Rainer's code runs.
+    """
+    import multiprocessing
+    import threading
+
+    from kazoo.client import KazooClient
+
+    path = f"/zk-floor-{os.getpid()}"
+    writer = KazooClient(hosts=hosts)
+    writer.start(timeout=15)
+    context = multiprocessing.get_context("spawn")  # no fork of a process running kazoo threads
+    done, answers, mirrors = context.Event(), context.Queue(), []
+    try:
+        for i in range(ZK_FLOOR_KEYS):
+            writer.create(f"{path}/k{i}", b"x" * 300, makepath=True)
+        for _ in range(ZK_FLOOR_MIRRORS):
+            ready = context.Event()
+            mirror = context.Process(target=_zk_floor_mirror, args=(hosts, path, ready, done, answers))
+            mirror.start()
+            if not ready.wait(60):
+                raise RuntimeError("a ZooKeeper floor mirror never started")
+            mirrors.append(mirror)
+        per_thread = sets // ZK_FLOOR_THREADS
+
+        def write(thread: int) -> None:
+            for n in range(per_thread):
+                writer.set(f"{path}/k{(thread * 11 + n) % ZK_FLOOR_KEYS}", b"y" * 300)
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(ZK_FLOOR_THREADS)]
+        jvm0, writer0, started = proc_stat(jvm_pid)[1], proc_stat(os.getpid())[1], time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        jvm_s, writer_s = proc_stat(jvm_pid)[1] - jvm0, proc_stat(os.getpid())[1] - writer0
+        # The mirrors' last events arrive after the last set returns.
+        time.sleep(0.5)
+        done.set()
+        mirrored = [answers.get(timeout=60) for _ in mirrors]
+    finally:
+        done.set()
+        for mirror in mirrors:
+            mirror.join(30)
+        writer.delete(path, recursive=True)
+        writer.stop()
+        writer.close()
+    n = per_thread * ZK_FLOOR_THREADS
+    out = {"sets": n, "rate": n / elapsed, "writer_ms": 1000 * writer_s / n,
+           "jvm_ms": 1000 * jvm_s / n, "mirror_ms": [1000 * cpu / n for cpu, _ in mirrored],
+           "mirror_events": [events for _, events in mirrored]}
+    out["total_ms"] = out["writer_ms"] + out["jvm_ms"] + sum(out["mirror_ms"])
+    log(f"ZooKeeper floor per mirrored commit: {out['total_ms']:.2f} ms CPU (writer "
+        f"{out['writer_ms']:.2f}, JVM {out['jvm_ms']:.2f}, mirrors "
+        f"{', '.join(f'{m:.2f}' for m in out['mirror_ms'])}; {out['rate']:.0f} sets/s)")
+    return out
+
+
 # ====================================================================== 4. GET throughput
 
 
@@ -646,6 +744,19 @@ def build_table(pub: dict, lat: dict, gets: dict, extra: dict) -> list[dict]:
                      f"p50 {loaded['load_p50_ms']:.1f} ms each (post.lua next versions)")
         row("  the same from the 200 arriving p50", loaded["after_200_p50_ms"], "ms",
             note=f"p99 {loaded['after_200_p99_ms']:.2f} ms: the delivery alone")
+        # Little's law: with every connection always waiting, each POST spends this long in
+        # the server, the commit's wait included, whatever the service does with it.
+        in_system = 1000 * loaded["connections"] / loaded["load_rps"]
+        row("  connections / rate (time in the server)", in_system, "ms",
+            note=f"{loaded['connections']} connections at {loaded['load_rps']:.0f} req/s; "
+                 f"{PROPAGATION_P50_MS:g} ms would take "
+                 f"{1000 * loaded['connections'] / PROPAGATION_P50_MS:.0f} req/s")
+    zk_floor = extra.get("zookeeper_floor")
+    if zk_floor:
+        row("ZooKeeper floor per mirrored commit (CPU)", zk_floor["total_ms"], "ms",
+            note=f"bare kazoo set + {ZK_FLOOR_MIRRORS} processes re-reading: writer "
+                 f"{zk_floor['writer_ms']:.2f}, JVM {zk_floor['jvm_ms']:.2f}, mirrors "
+                 f"{' + '.join(f'{m:.2f}' for m in zk_floor['mirror_ms'])} ms")
     light = extra.get("propagation_light_load")
     if light:
         for q in ("p50", "p99"):
@@ -814,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pub = bench_publisher(zk.hosts, db_url, clients, not args.no_extras)
         invalid += pub["problems"]
+        extra["zookeeper_floor"] = bench_zookeeper_floor(zk.hosts, zk.pid)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAINER_")}
         env.update(
