@@ -115,12 +115,3 @@ def test_the_service_logs_with_it():
     cfg.set("logger_class", PACKAGED["logger_class"])
     assert cfg.logger_class is AccessLogger
 
-
-def test_no_access_log_is_still_none(tmp_path):
-    cfg = Config()
-    cfg.set("access_log_format", PACKAGED["access_log_format"])
-    logger = AccessLogger(cfg)  # accesslog unset: gunicorn writes no access line
-    logger.access(Response("200 OK", 1, []), Request([]), ENVIRON, timedelta(0))
-    assert not logger.access_log.handlers or all(
-        isinstance(h, logging.NullHandler) for h in logger.access_log.handlers
-    )

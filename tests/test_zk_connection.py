@@ -71,3 +71,51 @@ def test_the_client_uses_it_unless_given_another():
     assert isinstance(SerialKazooClient(hosts="127.0.0.1:1").handler, QuickSelectHandler)
     other = SequentialThreadingHandler()
     assert SerialKazooClient(hosts="127.0.0.1:1", handler=other).handler is other
+
+
+@pytest.mark.zookeeper
+def test_a_server_that_stops_answering_a_stream_of_requests_is_given_up(zk_chroot):
+    """kazoo counts every request sent as a ping: under a steady stream of requests, a
+    connection whose packets vanish was not given up until the server closed its end. It must
+    be given up after one read timeout without an answer (2/3 of the session timeout), well
+    before the session expires."""
+    from kazoo.protocol.states import KazooState
+
+    from tests.tcpproxy import TcpProxy
+
+    address, slash, chroot = zk_chroot.partition("/")
+    host, port = address.split(",")[0].rsplit(":", 1)
+    proxy = TcpProxy((host, int(port)))
+    client = SerialKazooClient(hosts=proxy.address + slash + chroot, timeout=8.0)
+    states: dict[str, threading.Event] = {
+        KazooState.SUSPENDED: threading.Event(), KazooState.CONNECTED: threading.Event()
+    }
+    stop = threading.Event()
+    try:
+        client.start(timeout=15)
+        session_timeout = client._session_timeout / 1000.0  # as the server negotiated it
+        client.add_listener(lambda state: states[state].set() if state in states else None)
+
+        def keep_asking() -> None:
+            while not stop.wait(0.05):  # a worker's saves and reads: never a quiet second
+                client.exists_async("/")
+
+        threading.Thread(target=keep_asking, daemon=True).start()
+        assert client.exists("/")  # answered: the stream flows
+        paused_at = time.monotonic()
+        proxy.pause()
+        assert states[KazooState.SUSPENDED].wait(session_timeout * 3), "never given up"
+        given_up_after = time.monotonic() - paused_at
+        read_timeout = session_timeout * 2 / 3
+        assert read_timeout <= given_up_after < session_timeout * 0.95, (
+            given_up_after, session_timeout)
+        proxy.resume()
+        # Back within the session: the client reconnects and the requests flow again.
+        assert states[KazooState.CONNECTED].wait(30), "never reconnected"
+        assert client.exists("/")
+    finally:
+        stop.set()
+        proxy.resume()
+        client.stop()
+        client.close()
+        proxy.cut()
