@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import logging
 from datetime import timedelta
 from pathlib import Path
 

@@ -564,7 +564,8 @@ def bench_zookeeper_floor(hosts: str, jvm_pid: int, sets: int = 8000) -> dict:
             writer.create(f"{path}/k{i}", b"x" * 300, makepath=True)
         for _ in range(ZK_FLOOR_MIRRORS):
             ready = context.Event()
-            mirror = context.Process(target=_zk_floor_mirror, args=(hosts, path, ready, done, answers))
+            mirror = context.Process(target=_zk_floor_mirror,
+                                     args=(hosts, path, ready, done, answers))
             mirror.start()
             if not ready.wait(60):
                 raise RuntimeError("a ZooKeeper floor mirror never started")
