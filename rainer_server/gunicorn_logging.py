@@ -86,17 +86,22 @@ class AccessLogger(Logger):
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict[str, Any]:
         atoms = {name: make(resp, req, environ, request_time)
                  for name, make in self._simple.items()}
-        for wanted, suffix, pairs in (
-            (self._request_headers, "i", lambda: _headers(req)),
-            (self._response_headers, "o", lambda: _headers(resp)),
-            (self._environ, "e", environ.items),
-        ):
-            if wanted:
-                for key, value in pairs():
-                    lowered = key.lower()
-                    if lowered in wanted:
-                        atoms["{%s}%s" % (lowered, suffix)] = value
+        if self._request_headers:
+            _pick(atoms, _headers(req), self._request_headers, "i")
+        if self._response_headers:
+            _pick(atoms, _headers(resp), self._response_headers, "o")
+        if self._environ:
+            _pick(atoms, environ.items(), self._environ, "e")
         return atoms
+
+
+def _pick(atoms: dict[str, Any], pairs: Any, wanted: set[str], suffix: str) -> None:
+    """``atoms["{name}<suffix>"]`` for each wanted name among ``pairs`` (the last one wins, as
+    in gunicorn's dict)."""
+    for key, value in pairs:
+        lowered = key.lower()
+        if lowered in wanted:
+            atoms["{%s}%s" % (lowered, suffix)] = value
 
 
 __all__ = ["AccessLogger"]
